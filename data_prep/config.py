@@ -1,0 +1,29 @@
+"""Data-prep configuration: HH-RLHF source, tokenizer, mmap output."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class DataTokenizerConfig:
+    # sentencepiece (.model) | huggingface (tokenizer.json or dir) | nemo (tokenizer inside a .nemo)
+    # null with model null: train a sentencepiece BPE of `vocab_size` on the training text.
+    library: Optional[str] = None
+    model: Optional[str] = None
+    vocab_size: int = 8000
+
+
+@dataclass
+class DataConfig:
+    name: str = "hh_rlhf"
+    source: str = "sample"  # sample (embedded, offline) | hub | local
+    path: Optional[str] = None  # source=local: a .jsonl[.gz] file or an HH-layout directory
+    hub_name: str = "Anthropic/hh-rlhf"
+    subsets: List[str] = field(default_factory=list)  # HH data_dir names; empty = all
+    splits: List[str] = field(default_factory=lambda: ["train", "test"])
+    max_pairs: Optional[int] = None  # cap per split, for quick runs
+    tokenizer: DataTokenizerConfig = field(default_factory=DataTokenizerConfig)
+    workers: int = 2
+    append_eod: bool = True
+    output_prefix: str = "hh_comparison"

@@ -1,0 +1,58 @@
+"""The root schema: what `conf/` composes into. Registered in Hydra's ConfigStore as `kit_schema`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from data_prep.config import DataConfig
+from modeling.config import ModelConfig
+from ppo.config import PPOConfig
+from rm_training.config import RMConfig
+
+STAGES = ("prep", "rm", "ppo")
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"  # local | slurm
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: CPU. Local runs start one process per GPU.
+    processes_per_node: Optional[int] = None  # null = max(1, gpus_per_node); >1 on CPU uses gloo
+    # Slurm (ignored by cluster=local)
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time: str = "04:00:00"
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None  # e.g. 0 (whole node), 200G
+    exclusive: bool = False
+    constraint: Optional[str] = None
+    gpu_option: str = "gpus_per_node"  # gpus_per_node (--gpus-per-node) | gres (--gres=gpu:N)
+    container_image: Optional[str] = None  # pyxis --container-image
+    container_mounts: List[str] = field(default_factory=list)
+    setup: List[str] = field(default_factory=list)  # shell lines run before the stage
+    env: Dict[str, str] = field(default_factory=dict)
+    sbatch_args: Dict[str, str] = field(default_factory=dict)  # extra sbatch options
+    srun_args: List[str] = field(default_factory=list)
+    requeue: bool = True
+    wait: bool = False  # wait for the jobs and stream the log
+
+
+@dataclass
+class RunConfig:
+    name: str = "quickstart"
+    dir: str = "results/${run.name}"
+    stage_dir: Optional[str] = None  # set by the launcher for the stage being run
+
+
+@dataclass
+class KitConfig:
+    stage: str = "all"  # prep | rm | ppo | all, or a comma list such as "rm,ppo"
+    dry_run: bool = False
+    force: bool = False  # re-run stages even when their recorded artifacts are up to date
+    run: RunConfig = field(default_factory=RunConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)

@@ -1,0 +1,57 @@
+"""Model configuration: NeMo Megatron GPT key names (model_config.yaml), Llama family by the same keys."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ModelTokenizerConfig:
+    """Tokenizer the model was trained with (NeMo's `model.tokenizer`). Paths may be `nemo:<member>`."""
+
+    library: Optional[str] = None  # sentencepiece | huggingface
+    model: Optional[str] = None
+
+
+@dataclass
+class ModelConfig:
+    """One decoder-only transformer. Architecture keys use NeMo's names.
+
+    When `restore_from_path` is set, the checkpoint's own architecture wins; the keys here
+    still describe it so that a config can be validated (and sized) without the weights.
+    """
+
+    name: str = "tiny"
+    # .nemo archive, extracted .nemo dir, Hugging Face safetensors dir, .gguf file, or
+    # `pkg:<python package>/<file>` for a model shipped inside a pip package. null = random init.
+    restore_from_path: Optional[str] = None
+    precision: str = "bf16"  # bf16 | fp32 (on CPU the engine always computes in fp32)
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+
+    num_layers: int = 2
+    hidden_size: int = 128
+    ffn_hidden_size: int = 512
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # grouped-query attention; null = num_attention_heads
+    kv_channels: Optional[int] = None  # head dim; null = hidden_size // num_attention_heads
+    encoder_seq_length: int = 512
+    max_position_embeddings: int = 512
+    position_embedding_type: str = "rope"
+    rotary_percentage: float = 1.0
+    rotary_base: float = 10000.0
+    normalization: str = "layernorm1p"  # layernorm1p | layernorm | rmsnorm
+    layernorm_epsilon: float = 1e-5
+    activation: str = "fast-swiglu"  # fast-swiglu | swiglu | gelu
+    bias: bool = False
+    share_embeddings_and_output_weights: bool = False
+    vocab_size: Optional[int] = None  # null = the tokenizer's size (padded, see below)
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    tokenizer: ModelTokenizerConfig = field(default_factory=ModelTokenizerConfig)
+
+    # engine switches (GPU path)
+    activations_checkpointing: bool = False
+    torch_compile: bool = False

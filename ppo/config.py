@@ -1,0 +1,121 @@
+"""PPO stage configuration, shaped like NeMo-Aligner's gpt_ppo_actor.yaml and gpt_ppo_critic.yaml."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from rm_training.config import ExpManagerConfig, OptimConfig, PretrainedCheckpoint
+
+
+@dataclass
+class AdaptiveKLConfig:
+    enable: bool = False
+    target: float = 6.0
+    horizon: int = 10000
+
+
+@dataclass
+class PPOLoopConfig:
+    critic_warmup_steps: int = 0
+    max_epochs: int = 1
+    max_steps: int = -1
+    val_check_interval: int = 10
+    save_interval: int = 10
+    gradient_clip_val: float = 1.0
+    initial_policy_kl_penalty: float = 0.01
+    use_absolute_kl: bool = True
+    adaptive_kl: AdaptiveKLConfig = field(default_factory=AdaptiveKLConfig)
+    discount_factor: float = 1.0
+    gae_lambda: float = 0.95
+    normalize_advantages: bool = True
+
+
+@dataclass
+class PPOTrainerConfig:
+    num_nodes: int = 1
+    devices: int = 1
+    accelerator: str = "auto"
+    precision: str = "bf16"
+    ppo: PPOLoopConfig = field(default_factory=PPOLoopConfig)
+
+
+@dataclass
+class SamplingParams:
+    use_greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    end_strings: List[str] = field(default_factory=lambda: ["<|endoftext|>", "<extra_id_1>"])
+
+
+@dataclass
+class LengthParams:
+    max_length: int = 256
+    min_length: int = 1
+
+
+@dataclass
+class ActorPPOConfig:
+    rollout_micro_batch_size: int = 8
+    num_rollout_samples: int = 512
+    forward_micro_batch_size: int = 8
+    val_rollout_micro_batch_size: int = 8
+    num_val_samples: int = 64
+    ppo_epochs: int = 1
+    entropy_bonus: float = 0.0
+    ratio_eps: float = 0.2
+    offload_idle_models: bool = False
+    sampling_params: SamplingParams = field(default_factory=SamplingParams)
+    length_params: LengthParams = field(default_factory=LengthParams)
+
+
+@dataclass
+class PPODataConfig:
+    data_impl: str = "jsonl"
+    seq_length: int = 1024
+    # {train: [prompts.jsonl], validation: [...], test: [...]}; null = the prep stage's prompts.
+    data_prefix: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class ActorModelConfig:
+    micro_batch_size: int = 1
+    global_batch_size: int = 64
+    seed: int = 1234
+    ppo: ActorPPOConfig = field(default_factory=ActorPPOConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-7))
+    data: PPODataConfig = field(default_factory=PPODataConfig)
+
+
+@dataclass
+class RewardStandardization:
+    enable: bool = False
+    mean: float = 0.0
+    std: float = 1.0
+
+
+@dataclass
+class CriticConfig:
+    # null = the reward model (NeMo-Aligner starts the critic from the reward model's .nemo)
+    restore_from_path: Optional[str] = None
+    micro_batch_size: int = 1
+    global_batch_size: int = 64
+    loss_clip_val: float = 0.2
+    reward_standardization: RewardStandardization = field(default_factory=RewardStandardization)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-6))
+
+
+@dataclass
+class RewardModelRef:
+    restore_from_path: Optional[str] = None  # null = the rm stage's .nemo
+
+
+@dataclass
+class PPOConfig:
+    trainer: PPOTrainerConfig = field(default_factory=PPOTrainerConfig)
+    exp_manager: ExpManagerConfig = field(default_factory=lambda: ExpManagerConfig(name="megatron_gpt_ppo_actor"))
+    pretrained_checkpoint: PretrainedCheckpoint = field(default_factory=PretrainedCheckpoint)
+    model: ActorModelConfig = field(default_factory=ActorModelConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    reward_model: RewardModelRef = field(default_factory=RewardModelRef)

@@ -1,0 +1,103 @@
+"""Reward-model stage configuration, shaped like NeMo-Aligner's training_rm.yaml.
+
+The hands-on's overrides are the defaults here: 1 epoch, always_save_nemo, save_nemo_on_train_end,
+rampup_batch_size null.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+
+@dataclass
+class RMLoopConfig:
+    max_epochs: int = 1
+    max_steps: int = -1
+    val_check_interval: int = 100
+    save_interval: int = 100
+    limit_val_batches: Union[int, float] = 1.0  # float: fraction of the validation set; int: batches
+    gradient_clip_val: float = 1.0
+    train_random_sampler: bool = True
+    val_random_sampler: bool = False
+    log_every_n_steps: int = 1
+
+
+@dataclass
+class RMTrainerConfig:
+    num_nodes: int = 1
+    devices: int = 1
+    accelerator: str = "auto"  # auto | gpu | cpu
+    precision: str = "bf16"
+    rm: RMLoopConfig = field(default_factory=RMLoopConfig)
+
+
+@dataclass
+class CheckpointCallbackParams:
+    monitor: str = "val_loss"
+    save_top_k: int = 3
+    mode: str = "min"
+    always_save_nemo: bool = True
+    save_nemo_on_train_end: bool = True
+    filename: str = "megatron_gpt--{val_loss:.3f}-{step}"
+    save_last: bool = True
+
+
+@dataclass
+class ExpManagerConfig:
+    explicit_log_dir: Optional[str] = None  # null = the stage folder in the run directory
+    name: str = "megatron_gpt"
+    resume_if_exists: bool = True
+    create_checkpoint_callback: bool = True
+    checkpoint_callback_params: CheckpointCallbackParams = field(default_factory=CheckpointCallbackParams)
+
+
+@dataclass
+class SchedConfig:
+    name: str = "CosineAnnealing"
+    warmup_steps: int = 10
+    constant_steps: int = 1000
+    min_lr: float = 9e-7
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 9e-6
+    weight_decay: float = 0.1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    sched: SchedConfig = field(default_factory=SchedConfig)
+
+
+@dataclass
+class RMDataConfig:
+    data_impl: str = "mmap"
+    seq_length: int = 4096
+    # {train: [prefix...], validation: [...], test: [...]}; null = the prep stage's output.
+    # Megatron blending ([weight, prefix, weight, prefix]) is allowed in each list.
+    data_prefix: Optional[Dict[str, Any]] = None
+    # pairs longer than seq_length: truncate (keep the end of the dialogue) | drop
+    overlong: str = "truncate"
+
+
+@dataclass
+class RMModelConfig:
+    micro_batch_size: int = 2
+    global_batch_size: int = 64
+    seed: int = 1234
+    reward_model_type: str = "binary_ranking"
+    rampup_batch_size: Optional[List[int]] = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: RMDataConfig = field(default_factory=RMDataConfig)
+
+
+@dataclass
+class PretrainedCheckpoint:
+    restore_from_path: Optional[str] = None
+
+
+@dataclass
+class RMConfig:
+    trainer: RMTrainerConfig = field(default_factory=RMTrainerConfig)
+    exp_manager: ExpManagerConfig = field(default_factory=ExpManagerConfig)
+    pretrained_checkpoint: PretrainedCheckpoint = field(default_factory=PretrainedCheckpoint)
+    model: RMModelConfig = field(default_factory=RMModelConfig)
