@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from omegaconf import MISSING
+
 from data_prep.config import DataConfig
 from modeling.config import ModelConfig
 from ppo.config import PPOConfig
@@ -52,7 +54,9 @@ class KitConfig:
     force: bool = False  # re-run stages even when their recorded artifacts are up to date
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # every model preset must say where its weights come from (null = random init), so a preset such
+    # as gpt_2b can leave it `???` and have the launcher ask for it
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(restore_from_path=MISSING))
     data: DataConfig = field(default_factory=DataConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)

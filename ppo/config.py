@@ -74,8 +74,8 @@ class ActorPPOConfig:
 class PPODataConfig:
     data_impl: str = "jsonl"
     seq_length: int = 1024
-    # {train: [prompts.jsonl], validation: [...], test: [...]}; null = the prep stage's prompts.
-    data_prefix: Optional[Dict[str, Any]] = None
+    # {train: [prompts.jsonl], validation: [...], test: [...]}; all empty = the prep stage's prompts.
+    data_prefix: Dict[str, Any] = field(default_factory=lambda: {"train": [], "validation": [], "test": []})
 
 
 @dataclass

@@ -72,9 +72,9 @@ class OptimConfig:
 class RMDataConfig:
     data_impl: str = "mmap"
     seq_length: int = 4096
-    # {train: [prefix...], validation: [...], test: [...]}; null = the prep stage's output.
+    # {train: [prefix...], validation: [...], test: [...]}; all empty = the prep stage's output.
     # Megatron blending ([weight, prefix, weight, prefix]) is allowed in each list.
-    data_prefix: Optional[Dict[str, Any]] = None
+    data_prefix: Dict[str, Any] = field(default_factory=lambda: {"train": [], "validation": [], "test": []})
     # pairs longer than seq_length: truncate (keep the end of the dialogue) | drop
     overlong: str = "truncate"
 

@@ -1,0 +1,183 @@
+"""Executors run a plan's jobs. Local runs live here; every Slurm specific lives in launcher/slurm.py."""
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from launcher.manifest import Manifest, atomic_write_text, now
+from launcher.plan import StageJob, stage_config_for_run
+
+log = logging.getLogger("launcher")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def runner_argv(job: StageJob) -> List[str]:
+    return [sys.executable, "-m", "launcher.stage_runner", "--run-dir", str(job.run_dir), "--stage", job.stage]
+
+
+def processes_per_node(cluster) -> int:
+    return cluster.processes_per_node if cluster.processes_per_node is not None else max(1, cluster.gpus_per_node)
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "".join(Path(path).read_text(errors="replace").splitlines(keepends=True)[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalExecutor:
+    """Runs each stage in subprocesses on this machine, one per GPU (or one on the CPU).
+
+    Logs go to <stage>/log.txt (rank 0, also streamed to the terminal) and log_rank<N>.txt.
+    """
+
+    name = "local"
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+        self.nproc = processes_per_node(cluster)
+
+    def _rank_envs(self, port: int) -> List[Dict[str, str]]:
+        base = {k: str(v) for k, v in self.cluster.env.items()}
+        base["PYTHONUNBUFFERED"] = "1"
+        if self.nproc == 1:
+            return [base]
+        common = dict(base, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(self.nproc),
+                      LOCAL_WORLD_SIZE=str(self.nproc))
+        return [dict(common, RANK=str(r), LOCAL_RANK=str(r)) for r in range(self.nproc)]
+
+    def _command(self, job: StageJob) -> List[str]:
+        argv = runner_argv(job)
+        if self.cluster.setup:
+            script = "; ".join(list(self.cluster.setup) + ["exec " + shlex.join(argv)])
+            return ["bash", "-c", script]
+        return argv
+
+    def render(self, job: StageJob) -> str:
+        """The exact commands this executor would run, as a shell script."""
+        lines = ["#!/usr/bin/env bash", f"# rlhf-kit: stage '{job.stage}' of run '{job.cfg.run.name}', local, "
+                 f"{self.nproc} process(es)", "set -euo pipefail", f"cd {shlex.quote(os.getcwd())}"]
+        envs = self._rank_envs(port=29500)
+        for rank, env in enumerate(envs):
+            exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+            amp = " &" if len(envs) > 1 else ""
+            lines.append(f"{exports} {shlex.join(self._command(job))}{amp}")
+        if len(envs) > 1:
+            lines.append("wait")
+        return "\n".join(lines) + "\n"
+
+    def run(self, jobs: List[StageJob], manifest: Manifest) -> int:
+        """Run the jobs in order; stop at the first that does not succeed. Returns an exit code."""
+        for job in jobs:
+            code = self._run_one(job, manifest)
+            if code != 0:
+                for later in jobs[jobs.index(job) + 1:]:
+                    log.info("stage %s not started: %s did not succeed", later.stage, job.stage)
+                return code
+        return 0
+
+    def _run_one(self, job: StageJob, manifest: Manifest) -> int:
+        job.stage_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(job.config_path, stage_config_for_run(job))
+        atomic_write_text(job.stage_dir / "launch.sh", self.render(job))
+        manifest.update_stage(job.stage, status="pending", job_ids=[], started=None, finished=None,
+                              fingerprint=job.fingerprint, artifacts={}, error=None, executor="local")
+        log.info("stage %s: running (%d process%s), log: %s", job.stage, self.nproc,
+                 "" if self.nproc == 1 else "es", job.stage_dir / "log.txt")
+        port = _free_port()
+        procs: List[subprocess.Popen] = []
+        pumps: List[threading.Thread] = []
+        for rank, env in enumerate(self._rank_envs(port)):
+            logfile = job.stage_dir / ("log.txt" if rank == 0 else f"log_rank{rank}.txt")
+            p = subprocess.Popen(self._command(job), env={**os.environ, **env}, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, cwd=os.getcwd())
+            procs.append(p)
+            t = threading.Thread(target=_pump, args=(p, logfile, rank == 0), daemon=True)
+            t.start()
+            pumps.append(t)
+        manifest.update_stage(job.stage, job_ids=[str(p.pid) for p in procs])
+        try:
+            codes = _wait_all(procs)
+        except KeyboardInterrupt:
+            log.warning("interrupted: stopping stage %s", job.stage)
+            _stop(procs)
+            for t in pumps:
+                t.join(timeout=5)
+            manifest.update_stage(job.stage, status="cancelled", finished=now(), error="interrupted (Ctrl-C)")
+            return 130
+        for t in pumps:
+            t.join(timeout=10)
+        entry = manifest.stage(job.stage)
+        code = next((c for c in codes if c != 0), 0)
+        if code == 0 and entry.get("status") == "succeeded":
+            log.info("stage %s: succeeded; artifacts: %s", job.stage, ", ".join(entry.get("artifacts", {})))
+            return 0
+        if entry.get("status") in ("pending", "running", "succeeded"):
+            # the process died without recording why (killed, out of memory...)
+            reason = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+            manifest.update_stage(job.stage, status="failed", finished=now(), error=reason)
+        entry = manifest.stage(job.stage)
+        log.error("stage %s: %s (%s); its log: %s", job.stage, entry.get("status"), entry.get("error"),
+                  job.stage_dir / "log.txt")
+        return code or 1
+
+
+def _pump(proc: subprocess.Popen, logfile: Path, echo: bool) -> None:
+    with open(logfile, "ab") as f:
+        for line in iter(proc.stdout.readline, b""):
+            f.write(line)
+            f.flush()
+            if echo:
+                sys.stdout.buffer.write(line)
+                sys.stdout.flush()
+
+
+def _wait_all(procs: List[subprocess.Popen]) -> List[int]:
+    """Wait for every process; if one fails, stop the others (a dead rank would hang the rest)."""
+    stopping = False
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            return codes
+        if not stopping and any(c not in (None, 0) for c in codes):
+            stopping = True
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+
+
+def _stop(procs: List[subprocess.Popen], sig: int = signal.SIGINT, grace: float = 30.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(sig)
+    for p in procs:
+        try:
+            p.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def make_executor(cluster):
+    if cluster.name == "slurm":
+        from launcher.slurm import SlurmExecutor  # the one module that knows Slurm
+
+        return SlurmExecutor(cluster)
+    return LocalExecutor(cluster)

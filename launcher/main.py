@@ -1,0 +1,114 @@
+"""rlhf-kit's entry point: compose (Hydra), validate, plan, then run or submit.
+
+    python launcher/main.py [stage=prep|rm|ppo|all] [dry_run=true] [group=option ...] [key=value ...]
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python launcher/main.py` from a checkout: make the packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from launcher.config import KitConfig
+from launcher.errors import ConfigError
+from launcher.executors import make_executor
+from launcher.manifest import Manifest, atomic_write_text
+from launcher.plan import make_plan
+from launcher.stages import parse_stage_selection
+from launcher.validate import check_overrides, validate
+
+log = logging.getLogger("launcher")
+ConfigStore.instance().store(name="kit_schema", node=KitConfig)
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _run_dir(cfg: DictConfig) -> Path:
+    hc = HydraConfig.get() if HydraConfig.initialized() else None
+    if hc is not None and hc.mode == RunMode.MULTIRUN:
+        return Path(hc.runtime.output_dir).resolve()  # each sweep point gets its own run folder
+    return Path(cfg.run.dir).resolve()
+
+
+def launch(cfg: DictConfig) -> int:
+    """Validate, plan and run (or render) the selected stages. Returns an exit code."""
+    try:
+        stages = parse_stage_selection(cfg.stage)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    validate(cfg, stages, dry_run=cfg.dry_run)
+    run_dir = _run_dir(cfg)
+    jobs = make_plan(cfg, stages, run_dir, force=cfg.force, dry_run=cfg.dry_run)
+    executor = make_executor(cfg.cluster)
+    if cfg.dry_run:
+        return _dry_run(jobs, executor, run_dir)
+    manifest = Manifest(run_dir)
+    manifest.record_command()
+    todo = []
+    for job in jobs:
+        if job.up_to_date:
+            log.info("stage %s: up to date (recorded artifacts exist, same config); skipping. force=true re-runs it",
+                     job.stage)
+            manifest.update_stage(job.stage, status="skipped")
+        else:
+            todo.append(job)
+    if not todo:
+        log.info("nothing to do in %s", run_dir)
+        return 0
+    code = executor.run(todo, manifest)
+    log.info("run directory: %s", run_dir)
+    return code
+
+
+def _dry_run(jobs, executor, run_dir: Path) -> int:
+    out = run_dir / "dry_run"
+    for job in jobs:
+        text, script = job.yaml(), executor.render(job)
+        print(f"# ===== stage {job.stage}: {job.config_path} =====")
+        print(text)
+        print(f"# ===== stage {job.stage}: launch ({executor.name}) =====")
+        print(script)
+        atomic_write_text(out / job.stage / "config.yaml", text)
+        atomic_write_text(out / job.stage / ("submit.sbatch" if executor.name == "slurm" else "launch.sh"), script)
+    print(f"# dry run: nothing was run; the above is also in {out}")
+    return 0
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
+def hydra_main(cfg: DictConfig) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout, force=True)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        code = launch(cfg)
+    except ConfigError as e:
+        if multirun:
+            raise
+        print(f"error: {e.render()}", file=sys.stderr)
+        sys.exit(2)
+    if code and not multirun:
+        sys.exit(code)
+    if code:
+        raise RuntimeError(f"run failed with exit code {code}: see {_run_dir(cfg)}")
+    return code
+
+
+def main() -> None:
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e.render()}", file=sys.stderr)
+        sys.exit(2)
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

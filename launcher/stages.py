@@ -1,0 +1,75 @@
+"""The stage registry: which package runs a stage, what it consumes from earlier stages, and which
+config sections decide whether its recorded artifacts are still valid. No stage logic lives here."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, List, Tuple
+
+from launcher.config import STAGES
+
+
+@dataclass(frozen=True)
+class Input:
+    key: str  # config key the artifact fills (when the user left it null)
+    producer: str  # stage that produces it
+    artifact: str  # artifact name in the producer's result
+    always: bool = False  # fill even when set (the tokenizer the data was actually tokenized with)
+    # how a producer's artifact maps onto the key (e.g. a path onto a NeMo data_prefix dict of lists)
+    shape: str = "as_is"
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    package: str
+    sections: Tuple[str, ...]  # config sections that define the stage's result
+    inputs: Tuple[Input, ...] = field(default_factory=tuple)
+
+    def entry(self) -> Callable:
+        return importlib.import_module(self.package).run
+
+
+REGISTRY = {
+    "prep": Stage("prep", "data_prep", ("data",)),
+    "rm": Stage(
+        "rm",
+        "rm_training",
+        ("model", "rm"),
+        (
+            Input("rm.model.data.data_prefix", "prep", "data_prefix", shape="split_lists"),
+            Input("data.tokenizer.model", "prep", "tokenizer", always=True, required=False),
+        ),
+    ),
+    "ppo": Stage(
+        "ppo",
+        "ppo",
+        ("model", "ppo"),
+        (
+            Input("ppo.model.data.data_prefix", "prep", "prompts", shape="split_lists"),
+            Input("data.tokenizer.model", "prep", "tokenizer", always=True, required=False),
+            Input("ppo.reward_model.restore_from_path", "rm", "nemo"),
+        ),
+    ),
+}
+assert tuple(REGISTRY) == STAGES
+
+
+def parse_stage_selection(value: str) -> List[str]:
+    """`all` | a stage | a comma list; returned in pipeline order."""
+    names = [s.strip() for s in str(value).split(",") if s.strip()]
+    if names == ["all"]:
+        return list(STAGES)
+    unknown = [n for n in names if n not in STAGES]
+    if unknown or not names:
+        raise ValueError(f"stage={value!r}: unknown stage {unknown[0] if unknown else ''!r}; "
+                         f"choose from {', '.join(STAGES)}, all (or a comma list such as rm,ppo)")
+    return [s for s in STAGES if s in names]
+
+
+def shape_artifact(value, shape: str):
+    """Producer artifact -> the form the consuming key expects."""
+    if shape == "split_lists" and isinstance(value, dict):
+        return {split: [p] if isinstance(p, str) else list(p) for split, p in value.items()}
+    return value

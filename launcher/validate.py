@@ -1,0 +1,243 @@
+"""Everything that can be checked before a stage runs or is submitted.
+
+Two passes: `check_overrides` reads the command line before Hydra composes (so a typo gets a
+suggestion rather than Hydra's bare "not in struct"), and `validate` checks the composed config:
+missing values, choices, parallelism and batch arithmetic, and that every stage's inputs exist
+or are produced by an earlier stage of the same run.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from launcher.config import KitConfig
+from launcher.errors import ConfigError, suggest
+
+log = logging.getLogger("launcher")
+# String keys with a fixed set of values (the dataclasses keep them as str for NeMo parity).
+CHOICES: Dict[str, Sequence[str]] = {
+    "data.source": ("sample", "hub", "local"),
+    "data.tokenizer.library": (None, "sentencepiece", "huggingface", "nemo"),
+    "model.precision": ("bf16", "fp32", "32", "bf16-mixed", "16"),
+    "model.normalization": ("layernorm1p", "layernorm", "rmsnorm"),
+    "model.activation": ("fast-swiglu", "swiglu", "gelu"),
+    "model.position_embedding_type": ("rope",),
+    "cluster.name": ("local", "slurm"),
+    "cluster.gpu_option": ("gpus_per_node", "gres"),
+    "rm.model.reward_model_type": ("binary_ranking",),
+    "rm.model.data.data_impl": ("mmap",),
+    "rm.model.data.overlong": ("truncate", "drop"),
+    "rm.model.optim.sched.name": ("CosineAnnealing", "constant"),
+    "rm.exp_manager.checkpoint_callback_params.mode": ("min", "max"),
+    "ppo.model.data.data_impl": ("jsonl",),
+    "ppo.model.optim.sched.name": ("CosineAnnealing", "constant"),
+    "ppo.critic.optim.sched.name": ("CosineAnnealing", "constant"),
+}
+# Top-level names that are config groups (Hydra resolves these itself).
+GROUPS = ("model", "data", "rm", "ppo", "cluster", "experiment")
+HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
+                          "-cn", "--config-dir", "-cd", "--experimental-rerun", "--shell-completion",
+                          "--info"}
+SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$|^(UNLIMITED|INFINITE)$")
+
+
+def _schema() -> DictConfig:
+    return OmegaConf.structured(KitConfig)
+
+
+def check_key(schema: DictConfig, key: str) -> str | None:
+    """None if `key` names a config key, else a message with close matches."""
+    node: Any = schema
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        here = ".".join(parts[:i]) or "the top level"
+        if isinstance(node, DictConfig) and (node._is_none() or OmegaConf.get_type(node) is dict):
+            return None  # a Dict[str, Any] field (data_prefix, env...): any sub-key is allowed
+        if isinstance(node, ListConfig):
+            return None if part.isdigit() else f"'{here}' is a list; '{part}' is not an index"
+        if not isinstance(node, DictConfig):
+            return f"unknown key '{key}': '{here}' is a value, it has no key '{part}'"
+        if part not in node.keys():  # `in` is False for keys whose value is ??? 
+            return f"unknown key '{key}': '{part}' is not a key of {here}.{suggest(part, node.keys())}"
+        node = node._get_node(part)
+    return None
+
+
+def check_overrides(args: Sequence[str]) -> None:
+    """Fail on unknown keys and values of the wrong type in command-line overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, OverrideType
+
+    plain, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("-"):
+            skip = arg in HYDRA_FLAGS_WITH_VALUE and arg != "--info"
+            continue
+        plain.append(arg)
+    try:
+        overrides = OverridesParser.create().parse_overrides(plain)
+    except Exception:  # Hydra reports syntax errors itself, with the position
+        return
+    schema = _schema()
+    problems: List[str] = []
+    for o in overrides:
+        key = o.key_or_group
+        if o.package is not None or key.startswith("hydra") or key.split(".")[0] in GROUPS and "." not in key:
+            continue  # config-group choices and Hydra's own keys: Hydra checks those
+        if o.type == OverrideType.ADD or o.type == OverrideType.DEL:
+            continue
+        msg = check_key(schema, key)
+        if msg:
+            problems.append(msg)
+            continue
+        values = o.value().list if isinstance(o.value(), ChoiceSweep) else [o.value()] if not o.is_sweep_override() else []
+        for value in values:
+            trial = _schema()
+            try:
+                OmegaConf.update(trial, key, value, merge=True)
+            except OmegaConfBaseException as e:
+                problems.append(f"{key}={value!r}: {str(e).splitlines()[0]}")
+                break
+            except Exception:  # noqa: BLE001 - shapes Hydra itself explains better (a dict into a None)
+                break
+    if problems:
+        raise ConfigError(problems)
+
+
+def missing_keys(node: Any, prefix: str = "") -> List[str]:
+    """Keys whose value is `???`, without resolving interpolations (which would raise on them)."""
+    out: List[str] = []
+    if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
+        items = [(str(k), node._get_node(k)) for k in node.keys()]
+    elif isinstance(node, ListConfig) and not node._is_none() and not node._is_missing():
+        items = [(str(i), node._get_node(i)) for i in range(len(node))]
+    else:
+        return out
+    for k, child in items:
+        key = f"{prefix}{k}"
+        if child._is_missing() and not child._is_interpolation():
+            out.append(key)
+        else:
+            out += missing_keys(child, key + ".")
+    return out
+
+
+def _missing(cfg: DictConfig, prefixes: Sequence[str]) -> List[str]:
+    out = []
+    for key in missing_keys(cfg):
+        if any(key == p or key.startswith(p + ".") for p in prefixes):
+            out.append(f"missing value for '{key}': set it on the command line ({key}=...)")
+    return out
+
+
+def _choices(cfg: DictConfig) -> List[str]:
+    out = []
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        if value not in allowed:
+            names = [a for a in allowed if a is not None]
+            out.append(f"{key}={value!r} is not one of {names}.{suggest(str(value), names)}")
+    return out
+
+
+def _parallelism(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
+    out = []
+    c, m = cfg.cluster, cfg.model
+    procs = c.processes_per_node if c.processes_per_node is not None else max(1, c.gpus_per_node)
+    world = c.nodes * procs
+    tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
+    if c.nodes < 1:
+        out.append(f"cluster.nodes={c.nodes} must be >= 1")
+    if c.gpus_per_node < 0:
+        out.append(f"cluster.gpus_per_node={c.gpus_per_node} must be >= 0 (0 = CPU)")
+    if c.processes_per_node is not None and c.processes_per_node < 1:
+        out.append(f"cluster.processes_per_node={c.processes_per_node} must be >= 1")
+    if out:
+        return out  # the arithmetic below needs a positive process count
+    if c.processes_per_node is not None and c.gpus_per_node > 0 and c.processes_per_node != c.gpus_per_node:
+        out.append(f"cluster.processes_per_node={c.processes_per_node} must equal cluster.gpus_per_node="
+                   f"{c.gpus_per_node}: one process per GPU")
+    if tp != 1 or pp != 1:
+        out.append(f"model.tensor_model_parallel_size={tp}, pipeline_model_parallel_size={pp}: the kit's "
+                   "PyTorch engine is data parallel only (tp=1, pp=1); GPT-2B-001 fits one GPU at tp1")
+    if world % (tp * pp):
+        out.append(f"tp x pp = {tp * pp} does not divide the {world} processes requested "
+                   f"(cluster.nodes={c.nodes} x {procs} per node)")
+        return out
+    dp = world // (tp * pp)
+    for stage, section in (("rm", cfg.rm), ("ppo", cfg.ppo)):
+        if stage not in stages:
+            continue
+        t = section.trainer
+        if t.devices != c.gpus_per_node or t.num_nodes != c.nodes:
+            out.append(f"{stage}.trainer.devices={t.devices}, num_nodes={t.num_nodes} disagree with "
+                       f"cluster.gpus_per_node={c.gpus_per_node}, cluster.nodes={c.nodes}: set the cluster keys")
+        batches = [(f"{stage}.model", section.model.global_batch_size, section.model.micro_batch_size)]
+        if stage == "ppo":
+            batches.append(("ppo.critic", section.critic.global_batch_size, section.critic.micro_batch_size))
+            r = section.model.ppo
+            if r.num_rollout_samples % (r.rollout_micro_batch_size * dp):
+                out.append(f"ppo.model.ppo.num_rollout_samples={r.num_rollout_samples} is not divisible by "
+                           f"rollout_micro_batch_size={r.rollout_micro_batch_size} x data-parallel size {dp}")
+        for name, gbs, mbs in batches:
+            if mbs < 1 or gbs < 1 or gbs % (mbs * dp):
+                out.append(f"{name}.global_batch_size={gbs} is not divisible by micro_batch_size={mbs} x "
+                           f"data-parallel size {dp} (= nodes x processes per node / (tp x pp))")
+    return out
+
+
+def _cluster(cfg: DictConfig) -> List[str]:
+    out = []
+    c = cfg.cluster
+    if c.name == "slurm" and not SLURM_TIME.match(str(c.time)):
+        out.append(f"cluster.time={c.time!r} is not a Slurm time (MM, HH:MM:SS, D-HH[:MM[:SS]])")
+    return out
+
+
+def _local_path(path: str | None) -> bool:
+    return bool(path) and not str(path).startswith(("pkg:", "nemo:", "hf:"))
+
+
+def _files(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
+    out = []
+    d = cfg.data
+    if "prep" in stages:
+        if d.source == "local":
+            if not d.path:
+                out.append("data.source=local needs data.path (an HH .jsonl/.jsonl.gz file or directory)")
+            elif not Path(d.path).exists():
+                out.append(f"data.path={d.path}: no such file or directory")
+        if _local_path(d.tokenizer.model) and not Path(d.tokenizer.model).exists():
+            out.append(f"data.tokenizer.model={d.tokenizer.model}: no such file")
+    if {"rm", "ppo"} & set(stages) and _local_path(cfg.model.restore_from_path):
+        if not Path(cfg.model.restore_from_path).exists():
+            out.append(f"model.restore_from_path={cfg.model.restore_from_path}: no such file or directory")
+    return out
+
+
+def validate(cfg: DictConfig, stages: Sequence[str], dry_run: bool = False) -> None:
+    """Raise ConfigError listing every problem found in the composed config."""
+    sections = {"prep": ["data"], "rm": ["model", "rm"], "ppo": ["model", "ppo"]}
+    prefixes = ["run", "cluster"] + sorted({s for st in stages for s in sections[st]})
+    problems = _missing(cfg, prefixes)
+    if problems:  # the rules below would trip over the missing values
+        raise ConfigError(problems)
+    problems += _choices(cfg)
+    problems += _parallelism(cfg, stages)
+    problems += _cluster(cfg)
+    files = _files(cfg, stages)
+    if dry_run:  # a dry run previews a config for another machine: missing files are warnings
+        for msg in files:
+            log.warning("dry run: %s (an error when run for real)", msg)
+    else:
+        problems += files
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,115 @@
+"""One test per validation rule: each names the key, exits non-zero, prints no traceback, and leaves
+nothing in the run directory."""
+from __future__ import annotations
+
+import pytest
+
+from launcher.errors import ConfigError
+from launcher.main import launch
+from tests.kit import cli, compose_cfg
+
+
+def fails_cleanly(tmp_path, *args, expect: str):
+    run_dir = tmp_path / "run"
+    r = cli(f"run.dir={run_dir}", *args)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert expect in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not run_dir.exists(), "a rejected run must not write anything"
+    return r.stderr
+
+
+def test_unknown_key_suggests_the_close_match(tmp_path):
+    err = fails_cleanly(tmp_path, "rm.model.optm.lr=1e-5", expect="unknown key 'rm.model.optm.lr'")
+    assert "Did you mean 'optim'?" in err
+
+
+def test_unknown_nested_key_suggests_the_close_match(tmp_path):
+    err = fails_cleanly(tmp_path, "rm.exp_manager.checkpoint_callback_params.always_save_nemmo=true",
+                        expect="always_save_nemmo")
+    assert "'always_save_nemo'" in err
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    fails_cleanly(tmp_path, "rm.model.micro_batch_size=two", expect="rm.model.micro_batch_size='two'")
+
+
+def test_missing_required_value(tmp_path):
+    fails_cleanly(tmp_path, "model=gpt_2b", expect="missing value for 'model.restore_from_path'")
+
+
+def test_choice_with_suggestion(tmp_path):
+    err = fails_cleanly(tmp_path, "data.source=hubb", expect="data.source='hubb' is not one of")
+    assert "Did you mean 'hub'?" in err
+
+
+def test_unknown_stage(tmp_path):
+    fails_cleanly(tmp_path, "stage=reward", expect="unknown stage 'reward'")
+
+
+def test_global_batch_divisible_by_micro_batch_times_data_parallel(tmp_path):
+    fails_cleanly(tmp_path, "rm.model.global_batch_size=36", expect="rm.model.global_batch_size=36 is not divisible")
+
+
+def test_global_batch_accounts_for_data_parallel_size(tmp_path):
+    # 32 = 8 x 4 on one process, but not with 3 processes (data-parallel 3)
+    fails_cleanly(tmp_path, "cluster.processes_per_node=3", expect="data-parallel size 3")
+
+
+def test_rollout_samples_divisible(tmp_path):
+    fails_cleanly(tmp_path, "ppo.model.ppo.num_rollout_samples=40", expect="num_rollout_samples=40")
+
+
+def test_model_parallel_must_divide_and_is_unsupported(tmp_path):
+    err = fails_cleanly(tmp_path, "model.tensor_model_parallel_size=2", expect="tensor_model_parallel_size=2")
+    assert "does not divide the 1 processes" in err
+
+
+def test_trainer_devices_must_match_the_cluster(tmp_path):
+    fails_cleanly(tmp_path, "rm.trainer.devices=4", expect="rm.trainer.devices=4, num_nodes=1 disagree")
+
+
+def test_processes_must_match_gpus(tmp_path):
+    fails_cleanly(tmp_path, "cluster.gpus_per_node=2", "cluster.processes_per_node=1",
+                  expect="cluster.processes_per_node=1 must equal cluster.gpus_per_node=2")
+
+
+def test_slurm_time_format(tmp_path):
+    fails_cleanly(tmp_path, "cluster=slurm", "cluster.time=2h", expect="cluster.time='2h' is not a Slurm time")
+
+
+def test_local_data_path_must_exist(tmp_path):
+    fails_cleanly(tmp_path, "data.source=local", f"data.path={tmp_path}/nope.jsonl", expect="no such file")
+
+
+def test_local_source_needs_a_path(tmp_path):
+    fails_cleanly(tmp_path, "data.source=local", expect="data.source=local needs data.path")
+
+
+def test_checkpoint_must_exist(tmp_path):
+    fails_cleanly(tmp_path, "model=gpt_2b", f"model.restore_from_path={tmp_path}/GPT-2B.nemo",
+                  expect="GPT-2B.nemo: no such file")
+
+
+def test_stage_input_that_no_stage_produces(tmp_path):
+    err = fails_cleanly(tmp_path, "stage=rm", expect="stage rm needs 'rm.model.data.data_prefix'")
+    assert "run stage prep first" in err
+
+
+def test_ppo_needs_a_reward_model(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"text": "User: hi\\n\\nAssistant:"}\n')
+    fails_cleanly(tmp_path, "stage=ppo", f"ppo.model.data.data_prefix={{train:[{prompts}],validation:[{prompts}],"
+                  f"test:[{prompts}]}}", expect="stage ppo needs 'ppo.reward_model.restore_from_path'")
+
+
+def test_explicit_data_prefix_must_exist(tmp_path):
+    fails_cleanly(tmp_path, "stage=rm", f"rm.model.data.data_prefix.train=[{tmp_path}/x_text_document]",
+                  expect=f"rm.model.data.data_prefix.train: {tmp_path}/x_text_document does not exist")
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    cfg = compose_cfg([f"run.dir={tmp_path}", "rm.model.global_batch_size=36", "data.source=hubb"])
+    with pytest.raises(ConfigError) as e:
+        launch(cfg)
+    assert len(e.value.problems) >= 2
