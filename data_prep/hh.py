@@ -1,0 +1,129 @@
+"""HH-RLHF dialogues -> NeMo's prompt/comparison JSONL, byte for byte as the hands-on's
+`process_anthropic_hh.py`, but streamed (one pair at a time) and with every dropped pair counted.
+
+The hands-on builds whole lists and writes `"\\n".join(json.dumps(...))`: no trailing newline.
+`JoinedJsonlWriter` writes the same bytes incrementally so memory stays flat on any input size.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Iterable, Optional, Tuple
+
+from data_prep.report import DropLog
+
+log = logging.getLogger(__name__)
+
+START_PROMPT_FORMAT = "User: {body}\n\nAssistant: {response}"
+PROMPT_CONTINUATION_FORMAT = "{text}\n\nUser: {body}\n\nAssistant: {response}"
+
+
+def convert_string_format(string: str) -> Optional[Tuple[str, str]]:
+    """One HH transcript -> (dialogue, prompt), or None when a turn does not split in two.
+
+    Kept exactly as the hands-on (including its quirks: a transcript with no turns at all gives
+    ("", ""), and the prompt is the dialogue up to the last "Assistant:" without its trailing space).
+    """
+    string_to_use = ""
+    prompt_string_to_use = ""
+    for item in string.split("\n\nHuman: "):
+        if len(item) == 0:
+            continue
+        output = item.split("\n\nAssistant: ")
+        if len(output) != 2:
+            return None
+        body, response = output
+        if len(string_to_use) == 0:
+            prompt_string_to_use = START_PROMPT_FORMAT.format(body=body, response="")
+            string_to_use = START_PROMPT_FORMAT.format(body=body, response=response)
+        else:
+            prompt_string_to_use = PROMPT_CONTINUATION_FORMAT.format(
+                text=string_to_use, body=body, response="")
+            string_to_use = PROMPT_CONTINUATION_FORMAT.format(
+                text=string_to_use, body=body, response=response)
+    return string_to_use, prompt_string_to_use[:-1]
+
+
+def convert_pair(record) -> Tuple[Optional[dict], Optional[str]]:
+    """A raw HH record -> ({"prompt","chosen","rejected"}, None) or (None, drop reason)."""
+    if not isinstance(record, dict):
+        return None, "not_an_object"
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            return None, f"missing_{key}"
+        if not isinstance(record[key], str):
+            return None, f"{key}_not_a_string"
+    c = convert_string_format(record["chosen"])
+    r = convert_string_format(record["rejected"])
+    # the hands-on drops both cases silently; we name them
+    if c is None:
+        return None, "chosen_turns_do_not_split"
+    if r is None:
+        return None, "rejected_turns_do_not_split"
+    if c[1] != r[1]:
+        return None, "prompt_mismatch"
+    return {"prompt": c[1], "chosen": c[0], "rejected": r[0]}, None
+
+
+class JoinedJsonlWriter:
+    """Writes `"\\n".join(json.dumps(x) for x in items)` one item at a time, to a tmp name;
+    `commit()` moves it into place so an interrupted run never leaves a complete-looking file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tmp = f"{path}.tmp-{os.getpid()}"
+        self._f = open(self.tmp, "w", encoding="utf-8", newline="")
+        self._first = True
+        self.count = 0
+
+    def write(self, item: dict) -> None:
+        if not self._first:
+            self._f.write("\n")
+        self._f.write(json.dumps(item))  # default ensure_ascii, as the hands-on
+        self._first = False
+        self.count += 1
+
+    def commit(self) -> None:
+        self._f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self._f.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def write_split(records: Iterable[Tuple[str, int, object]], out_dir: str, split: str,
+                drops: DropLog, max_pairs: Optional[int] = None) -> dict:
+    """Stream (source, line, record-or-error) into `{split}_prompts.jsonl` / `{split}_comparisons.jsonl`.
+
+    A record that failed to parse arrives as a `data_prep.sources.BadRecord`; it is counted and skipped.
+    Returns {"read", "kept", "prompts", "comparisons"}.
+    """
+    prompts = JoinedJsonlWriter(os.path.join(out_dir, f"{split}_prompts.jsonl"))
+    comps = JoinedJsonlWriter(os.path.join(out_dir, f"{split}_comparisons.jsonl"))
+    read = kept = 0
+    try:
+        for where, line, record in records:
+            if max_pairs is not None and kept >= max_pairs:
+                break
+            read += 1
+            reason = getattr(record, "reason", None)  # BadRecord from the reader
+            if reason is None:
+                pair, reason = convert_pair(record)
+            if reason is not None:
+                drops.add(reason, where, line)
+                continue
+            prompts.write({"text": pair["prompt"]})
+            comps.write({"text": pair["chosen"]})
+            comps.write({"text": pair["rejected"]})
+            kept += 1
+        prompts.commit()
+        comps.commit()
+    except BaseException:
+        prompts.abort()
+        comps.abort()
+        raise
+    log.info("%s: %d records read, %d pairs kept, %d dropped", split, read, kept, read - kept)
+    return {"read": read, "kept": kept, "prompts": prompts.path, "comparisons": comps.path}
