@@ -48,6 +48,7 @@ class ModelConfig:
     vocab_size: Optional[int] = None  # null = the tokenizer's size (padded, see below)
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
+    use_scaled_init_method: bool = True  # output projections get std / sqrt(2 * num_layers)
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     tokenizer: ModelTokenizerConfig = field(default_factory=ModelTokenizerConfig)
@@ -55,3 +56,25 @@ class ModelConfig:
     # engine switches (GPU path)
     activations_checkpointing: bool = False
     torch_compile: bool = False
+
+    # --- derived sizes, one place for the defaults NeMo leaves null ---
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        # Megatron: int(head_dim * rotary_percentage); rotary acts on the first rotary_dim dims
+        return int(self.head_dim * self.rotary_percentage) if self.position_embedding_type == "rope" else 0
+
+    def padded_vocab_size(self, vocab_size: Optional[int] = None) -> int:
+        """Megatron pads the vocab to a multiple of make_vocab_size_divisible_by * tp."""
+        v = vocab_size if vocab_size is not None else self.vocab_size
+        if v is None:
+            raise ValueError("vocab size unknown: set model.vocab_size or pass the tokenizer's size")
+        m = max(1, self.make_vocab_size_divisible_by) * max(1, self.tensor_model_parallel_size)
+        return ((v + m - 1) // m) * m
