@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample")
 SOURCES = ("sample", "local", "hub")
+_warned = set()  # say once per file that it serves every split
 
 
 class BadRecord:
@@ -75,7 +76,8 @@ def split_files(data, split: str) -> List[str]:
     path = os.path.abspath(os.path.expanduser(data.path))
     if "{split}" in path:
         path = path.replace("{split}", split)
-    elif os.path.isfile(path):
+    elif os.path.isfile(path) and path not in _warned:
+        _warned.add(path)
         log.warning("data.path is one file: it is used for every split (%s now); put {split} in "
                     "its name to use one file per split", split)
     if os.path.isfile(path):
@@ -151,7 +153,8 @@ def _hub_datasets(data, split: str):
     import datasets  # heavy import, only for this source
 
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-    if not offline and not _hub_reachable():
+    # a local folder (or a mirror checkout) as hub_name needs no network
+    if not offline and not os.path.isdir(data.hub_name) and not _hub_reachable():
         raise RuntimeError(_offline_message(data))
     subsets = list(data.subsets) or [None]  # None: the whole repo, as the hands-on loads it
     for subset in subsets:
