@@ -6,6 +6,7 @@ checkpoint IO (.nemo, Hugging Face safetensors, GGUF), reward/value heads and KV
     logits = model(input_ids)                      # [batch, seq, vocab]
 """
 from .checkpoint import config_from_nemo, config_to_nemo, load_config, load_pretrained, resolve_path, save_nemo
+from . import presets
 from .config import ModelConfig, ModelTokenizerConfig
 from .generation import GenerationOutput, KVCache, generate, sample_next
 from .heads import RewardModel, ValueModel, attach_head, last_token_index
@@ -18,5 +19,5 @@ __all__ = [
     "ModelConfig", "ModelTokenizerConfig", "GPTModel", "RewardModel", "ValueModel", "CriticModel",
     "build_model", "load_pretrained", "load_config", "save_nemo", "resolve_path", "generate",
     "GenerationOutput", "KVCache", "sample_next", "flops_per_token", "attach_head", "last_token_index",
-    "NemoArchive", "extract_member", "config_from_nemo", "config_to_nemo",
+    "NemoArchive", "extract_member", "config_from_nemo", "config_to_nemo", "presets",
 ]

@@ -153,7 +153,7 @@ def read_gguf(path: str) -> Tuple[ModelConfig, Getter, List[str]]:
             w = _unpermute(w, heads)
         elif ".attn_k." in g:
             w = _unpermute(w, kv)
-        return torch.from_numpy(np.ascontiguousarray(w))
+        return torch.from_numpy(np.array(w, dtype=np.float32, order="C"))  # own, writable copy (F32 data is a read-only memmap)
 
     by_hf = {_hf_name(n): n for n in tensors}
     return cfg, get, list(by_hf)

@@ -14,20 +14,12 @@ import torch.nn.functional as F
 
 from modeling import (GPTModel, ModelConfig, NemoArchive, RewardModel, ValueModel, build_model, extract_member,
                       flops_per_token, load_config, load_pretrained, resolve_path, save_nemo)
-from modeling.layers import Norm, apply_rotary, Rotary
+from modeling import presets
+from modeling.layers import Norm, Rotary, apply_rotary
 
-GPT_2B = ModelConfig(
-    name="gpt_2b", num_layers=24, hidden_size=2048, ffn_hidden_size=5440, num_attention_heads=16,
-    encoder_seq_length=4096, max_position_embeddings=4096, rotary_percentage=0.5, normalization="layernorm1p",
-    activation="fast-swiglu", bias=False, share_embeddings_and_output_weights=False, init_method_std=0.014,
-)
-# GPT-2B-001's architecture at toy size (rotary on half the head, layernorm1p, fast-swiglu, untied)
-TINY_GPT = dataclasses.replace(GPT_2B, name="tiny_gpt", num_layers=2, hidden_size=64, ffn_hidden_size=96,
-                               num_attention_heads=4, make_vocab_size_divisible_by=8)
-# Llama family at toy size (rmsnorm, GQA, full rotary, tied)
-TINY_LLAMA = ModelConfig(name="tiny_llama", num_layers=2, hidden_size=64, ffn_hidden_size=112, num_attention_heads=4,
-                         num_query_groups=2, normalization="rmsnorm", rotary_base=5000.0,
-                         share_embeddings_and_output_weights=True, make_vocab_size_divisible_by=1)
+GPT_2B = presets.gpt_2b_001()
+TINY_GPT = presets.tiny_gpt()
+TINY_LLAMA = presets.tiny_llama()
 
 
 def randomize_norms(model):
