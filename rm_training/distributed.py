@@ -1,0 +1,111 @@
+"""torch.distributed helpers for data-parallel training (generic: rm and ppo use them).
+
+The launcher's runner calls `init_process_group` (gloo on CPU, nccl on GPU) and sets the CUDA
+device before a stage runs; these helpers only read that state, so a single process needs nothing.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """Rank 0: the only process that writes files."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def select_device(accelerator: str = "auto") -> torch.device:
+    """auto: this rank's GPU when CUDA is there, else the CPU. gpu: fail without CUDA. cpu: the CPU."""
+    accelerator = (accelerator or "auto").lower()
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise RuntimeError("trainer.accelerator=gpu but CUDA is not available")
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        dev = torch.device("cuda", local_rank() % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+        return dev
+    return torch.device("cpu")
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, **kwargs) -> nn.Module:
+    """DistributedDataParallel when several processes run, else the model itself. Gradient
+    bucketing stays the default; pass `static_graph=True` etc. through kwargs."""
+    if world_size() <= 1:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None,
+                                               **kwargs)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def _backend_device(device: Optional[torch.device] = None) -> torch.device:
+    if device is not None:
+        return device
+    if is_dist() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: Mapping[str, float], device: Optional[torch.device] = None) -> Dict[str, float]:
+    """Sum each value over the ranks (float64, one collective)."""
+    keys = sorted(values)
+    if not is_dist():
+        return {k: float(values[k]) for k in keys}
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_backend_device(device))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, t.cpu().tolist()))
+
+
+def all_reduce_mean(values: Mapping[str, float], device: Optional[torch.device] = None) -> Dict[str, float]:
+    """Mean of each value over the ranks."""
+    n = world_size()
+    return {k: v / n for k, v in all_reduce_sum(values, device).items()}
+
+
+def all_reduce_max(value: float, device: Optional[torch.device] = None) -> float:
+    if not is_dist():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_backend_device(device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def broadcast_object(obj, src: int = 0):
+    """rank `src`'s python object on every rank."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
