@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 
 from launcher.manifest import Manifest, atomic_write_text, now
 from launcher.plan import StageJob, stage_config_for_run
+from launcher.stages import REGISTRY
 
 log = logging.getLogger("launcher")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +25,10 @@ def runner_argv(job: StageJob) -> List[str]:
     return [sys.executable, "-m", "launcher.stage_runner", "--run-dir", str(job.run_dir), "--stage", job.stage]
 
 
-def processes_per_node(cluster) -> int:
+def processes_per_node(cluster, stage: Optional[str] = None) -> int:
+    """One process per GPU (or `processes_per_node` on the CPU); one for a stage that is not distributed."""
+    if stage is not None and not REGISTRY[stage].distributed:
+        return 1
     return cluster.processes_per_node if cluster.processes_per_node is not None else max(1, cluster.gpus_per_node)
 
 
@@ -51,16 +55,16 @@ class LocalExecutor:
 
     def __init__(self, cluster):
         self.cluster = cluster
-        self.nproc = processes_per_node(cluster)
 
-    def _rank_envs(self, port: int) -> List[Dict[str, str]]:
+    def _rank_envs(self, stage: str, port: int) -> List[Dict[str, str]]:
         base = {k: str(v) for k, v in self.cluster.env.items()}
         base["PYTHONUNBUFFERED"] = "1"
-        if self.nproc == 1:
+        nproc = processes_per_node(self.cluster, stage)
+        if nproc == 1:
             return [base]
-        common = dict(base, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(self.nproc),
-                      LOCAL_WORLD_SIZE=str(self.nproc))
-        return [dict(common, RANK=str(r), LOCAL_RANK=str(r)) for r in range(self.nproc)]
+        common = dict(base, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc),
+                      LOCAL_WORLD_SIZE=str(nproc))
+        return [dict(common, RANK=str(r), LOCAL_RANK=str(r)) for r in range(nproc)]
 
     def _command(self, job: StageJob) -> List[str]:
         argv = runner_argv(job)
@@ -71,9 +75,9 @@ class LocalExecutor:
 
     def render(self, job: StageJob) -> str:
         """The exact commands this executor would run, as a shell script."""
+        envs = self._rank_envs(job.stage, port=29500)
         lines = ["#!/usr/bin/env bash", f"# rlhf-kit: stage '{job.stage}' of run '{job.cfg.run.name}', local, "
-                 f"{self.nproc} process(es)", "set -euo pipefail", f"cd {shlex.quote(os.getcwd())}"]
-        envs = self._rank_envs(port=29500)
+                 f"{len(envs)} process(es)", "set -euo pipefail", f"cd {shlex.quote(os.getcwd())}"]
         for rank, env in enumerate(envs):
             exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
             amp = " &" if len(envs) > 1 else ""
@@ -98,12 +102,12 @@ class LocalExecutor:
         atomic_write_text(job.stage_dir / "launch.sh", self.render(job))
         manifest.update_stage(job.stage, status="pending", job_ids=[], started=None, finished=None,
                               fingerprint=job.fingerprint, artifacts={}, error=None, executor="local")
-        log.info("stage %s: running (%d process%s), log: %s", job.stage, self.nproc,
-                 "" if self.nproc == 1 else "es", job.stage_dir / "log.txt")
-        port = _free_port()
+        envs = self._rank_envs(job.stage, _free_port())
+        log.info("stage %s: running (%d process%s), log: %s", job.stage, len(envs), "" if len(envs) == 1 else "es",
+                 job.stage_dir / "log.txt")
         procs: List[subprocess.Popen] = []
         pumps: List[threading.Thread] = []
-        for rank, env in enumerate(self._rank_envs(port)):
+        for rank, env in enumerate(envs):
             logfile = job.stage_dir / ("log.txt" if rank == 0 else f"log_rank{rank}.txt")
             p = subprocess.Popen(self._command(job), env={**os.environ, **env}, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, cwd=os.getcwd())

@@ -26,13 +26,14 @@ class Stage:
     package: str
     sections: Tuple[str, ...]  # config sections that define the stage's result
     inputs: Tuple[Input, ...] = field(default_factory=tuple)
+    distributed: bool = True  # False: one process, no GPU, whatever the cluster offers (prep)
 
     def entry(self) -> Callable:
         return importlib.import_module(self.package).run
 
 
 REGISTRY = {
-    "prep": Stage("prep", "data_prep", ("data",)),
+    "prep": Stage("prep", "data_prep", ("data",), distributed=False),
     "rm": Stage(
         "rm",
         "rm_training",

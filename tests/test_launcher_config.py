@@ -97,3 +97,15 @@ def test_help_and_cfg_job_behave_as_hydra():
 def test_shell_completion_is_available():
     r = cli("--shell-completion", "install=bash")
     assert r.returncode == 0 and "complete" in r.stdout
+
+
+def test_the_launcher_never_imports_torch():
+    """Composing, validating and dry-running must stay fast: stage packages' __init__ and config
+    modules are imported by the launcher and must not pull in torch (import it inside run())."""
+    import subprocess
+    import sys
+
+    code = ("import sys, launcher.main, launcher.stage_runner, launcher.executors; "
+            "print(sorted(m for m in ('torch', 'transformers', 'sentencepiece') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -1,0 +1,88 @@
+"""The local executor end to end: real subprocesses, the real prep stage, the manifest on disk."""
+from __future__ import annotations
+
+import json
+import os
+
+from omegaconf import OmegaConf
+
+from launcher.manifest import Manifest
+from tests.kit import cli
+
+
+def manifest(run_dir):
+    return json.loads((run_dir / "manifest.json").read_text())
+
+
+def test_prep_runs_through_the_real_executor(tmp_path):
+    r = cli("stage=prep", f"run.dir={tmp_path}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    entry = manifest(tmp_path)["stages"]["prep"]
+    assert entry["status"] == "succeeded" and entry["started"] and entry["finished"]
+    assert entry["job_ids"] and entry["fingerprint"]
+    prefix = entry["artifacts"]["data_prefix"]["train"]
+    assert os.path.exists(prefix + ".bin") and os.path.exists(prefix + ".idx")
+    assert os.path.exists(entry["artifacts"]["tokenizer"])
+    stage_dir = tmp_path / "prep"
+    cfg = OmegaConf.load(stage_dir / "config.yaml")
+    assert cfg.stage == "prep" and cfg.run.stage_dir == str(stage_dir)
+    assert (stage_dir / "launch.sh").read_text().startswith("#!/usr/bin/env bash")
+    log = (stage_dir / "log.txt").read_text()
+    assert log and log in r.stdout, "the stage log is captured in its folder and streamed to the terminal"
+    assert "stage=prep" in manifest(tmp_path)["command"]
+
+
+def test_rerun_skips_up_to_date_stages_and_an_override_reruns(tmp_path):
+    assert cli("stage=prep", f"run.dir={tmp_path}").returncode == 0
+    bin_path = manifest(tmp_path)["stages"]["prep"]["artifacts"]["data_prefix"]["train"] + ".bin"
+    mtime = os.stat(bin_path).st_mtime_ns
+
+    r = cli("stage=prep", f"run.dir={tmp_path}")
+    assert r.returncode == 0 and "stage prep: up to date" in r.stdout
+    assert manifest(tmp_path)["stages"]["prep"]["status"] == "skipped"
+    assert os.stat(bin_path).st_mtime_ns == mtime
+
+    r = cli("stage=prep", f"run.dir={tmp_path}", "data.max_pairs=100")  # a changed key re-runs the stage
+    assert r.returncode == 0 and "stage prep: up to date" not in r.stdout
+    assert manifest(tmp_path)["stages"]["prep"]["status"] == "succeeded"
+
+    r = cli("stage=prep", f"run.dir={tmp_path}", "data.max_pairs=100", "force=true")
+    assert r.returncode == 0 and "stage prep: up to date" not in r.stdout
+
+
+def test_a_recorded_stage_hands_its_artifacts_to_a_later_run(tmp_path):
+    assert cli("stage=prep", f"run.dir={tmp_path}").returncode == 0
+    prep = manifest(tmp_path)["stages"]["prep"]["artifacts"]
+    r = cli("stage=rm", f"run.dir={tmp_path}", "dry_run=true")
+    assert r.returncode == 0, r.stderr
+    cfg = OmegaConf.load(tmp_path / "dry_run" / "rm" / "config.yaml")
+    assert list(cfg.rm.model.data.data_prefix.train) == [prep["data_prefix"]["train"]]
+    assert list(cfg.rm.model.data.data_prefix.validation) == [prep["data_prefix"]["validation"]]
+    assert cfg.data.tokenizer.model == prep["tokenizer"]
+    assert "filled at run time" not in r.stdout
+
+
+def test_a_failing_stage_is_recorded_and_stops_the_chain(tmp_path):
+    bogus = tmp_path / "not_a_tokenizer.model"
+    bogus.write_text("this is not a sentencepiece model\n")
+    run_dir = tmp_path / "run"
+    r = cli("stage=all", f"run.dir={run_dir}", "data.tokenizer.library=sentencepiece", f"data.tokenizer.model={bogus}")
+    assert r.returncode == 1, r.stdout + r.stderr
+    stages = manifest(run_dir)["stages"]
+    assert stages["prep"]["status"] == "failed" and stages["prep"]["error"]
+    assert "rm" not in stages and "ppo" not in stages, "nothing after a failed stage starts"
+    assert "stage rm not started" in r.stdout
+
+
+def test_manifest_updates_are_atomic_and_keep_other_stages(tmp_path):
+    m = Manifest(tmp_path)
+    m.update_stage("prep", status="succeeded", artifacts={"x": "/a"})
+    m.update_stage("rm", status="running")
+    data = m.read()
+    assert data["stages"]["prep"]["artifacts"] == {"x": "/a"} and data["stages"]["rm"]["status"] == "running"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    try:
+        m.update_stage("rm", status="exploded")
+    except ValueError as e:
+        assert "exploded" in str(e)
+    assert m.stage("rm")["status"] == "running"
