@@ -129,6 +129,26 @@ class _DecodeStep:
         return out
 
 
+def _decode_state(model, batch, total, dtype, device, use_graph):
+    """KV cache + decode step (with its CUDA graphs) kept on the model between calls of the same
+    batch size and bucketed length, so PPO's repeated rollouts capture graphs once. Only the last
+    shape is kept (a GPT-2B cache at batch 64 x 512 is 6 GB). The graphs read the parameters in
+    place: optimizer steps are seen; replacing parameter tensors needs clear_generation_state()."""
+    cap = -(-total // _BUCKET) * _BUCKET
+    key = (batch, cap, dtype, str(device), use_graph)
+    state = model.__dict__.get("_generation_state")
+    if state is None or state[0] != key:
+        model.__dict__["_generation_state"] = None  # free the old cache before allocating
+        cache = KVCache(model, batch, cap, dtype, device)
+        state = (key, cache, _DecodeStep(model, cache, batch, use_graph))
+        model.__dict__["_generation_state"] = state
+    return state[1], state[2]
+
+
+def clear_generation_state(model) -> None:
+    model.__dict__.pop("_generation_state", None)
+
+
 @torch.no_grad()
 def generate(model: GPTModel, prompts: Union[Sequence[Sequence[int]], torch.Tensor], prompt_lengths=None, *,
              max_length: int = 64, min_length: int = 0, temperature: float = 1.0, top_k: int = 0,
@@ -155,7 +175,7 @@ def generate(model: GPTModel, prompts: Union[Sequence[Sequence[int]], torch.Tens
         generator = torch.Generator(device=dev).manual_seed(seed)
     use_graph = dev.type == "cuda" if use_cuda_graph is None else use_cuda_graph
 
-    cache = KVCache(model, b, total, dtype, dev)
+    cache, step = _decode_state(model, b, total, dtype, dev, use_graph)
     out = torch.full((b, total), pad_id, dtype=torch.long, device=dev)
     out[:, :p] = tokens
     lp = torch.zeros(b, total, device=dev) if return_logprobs else None
@@ -166,7 +186,6 @@ def generate(model: GPTModel, prompts: Union[Sequence[Sequence[int]], torch.Tens
     cache.mode = "prefill"
     h = model.hidden_states(tokens, cache=cache)
     logits = model.logits(h[rows, plen - 1]).float()  # only each row's last prompt token
-    step = _DecodeStep(model, cache, b, use_graph)
     pos = plen.clone()  # where this step's token goes
     try:
         for t in range(max_length):
@@ -187,7 +206,7 @@ def generate(model: GPTModel, prompts: Union[Sequence[Sequence[int]], torch.Tens
                 done |= _ends_with(out, plen, n_gen, done, end_strings, detokenize)
             if t == max_length - 1 or ((t % 8 == 7 or end_strings) and bool(done.all())):
                 break
-            attend = min(total, -(-(p + t + 1) // _BUCKET) * _BUCKET)
+            attend = min(cache.k.shape[3], -(-(p + t + 1) // _BUCKET) * _BUCKET)
             logits = step(nxt, pos, attend)
             pos = pos + 1
     finally:
