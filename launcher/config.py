@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -49,7 +49,7 @@ class RunConfig:
 
 @dataclass
 class KitConfig:
-    stage: str = "all"  # prep | rm | ppo | all, or a comma list such as "rm,ppo"
+    stage: Any = "all"  # prep | rm | ppo | all, or a list in pipeline order: rm,ppo (or [rm,ppo])
     dry_run: bool = False
     force: bool = False  # re-run stages even when their recorded artifacts are up to date
     run: RunConfig = field(default_factory=RunConfig)

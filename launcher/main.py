@@ -101,7 +101,15 @@ def hydra_main(cfg: DictConfig) -> int:
     return code
 
 
+def _stage_lists_as_lists(argv: list) -> list:
+    """`stage=prep,rm` means a list of stages, not a Hydra sweep, unless the user asked for -m."""
+    if "-m" in argv or "--multirun" in argv:
+        return argv
+    return [f"stage=[{a[6:]}]" if a.startswith("stage=") and "," in a and "[" not in a else a for a in argv]
+
+
 def main() -> None:
+    sys.argv[1:] = _stage_lists_as_lists(sys.argv[1:])
     try:
         check_overrides(sys.argv[1:])
     except ConfigError as e:

@@ -57,9 +57,10 @@ REGISTRY = {
 assert tuple(REGISTRY) == STAGES
 
 
-def parse_stage_selection(value: str) -> List[str]:
-    """`all` | a stage | a comma list; returned in pipeline order."""
-    names = [s.strip() for s in str(value).split(",") if s.strip()]
+def parse_stage_selection(value) -> List[str]:
+    """`all` | a stage | a comma list | a list; returned in pipeline order."""
+    items = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig" else [value]
+    names = [s.strip() for item in items for s in str(item).split(",") if s.strip()]
     if names == ["all"]:
         return list(STAGES)
     unknown = [n for n in names if n not in STAGES]

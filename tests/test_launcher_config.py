@@ -109,3 +109,10 @@ def test_the_launcher_never_imports_torch():
             "print(sorted(m for m in ('torch', 'transformers', 'sentencepiece') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_stage_lists_run_in_pipeline_order(tmp_path):
+    r = cli("stage=ppo,rm", "dry_run=true", f"run.dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    rendered = [line.split(":")[0] for line in r.stdout.splitlines() if line.startswith("# ===== stage") and "launch" in line]
+    assert rendered == ["# ===== stage rm", "# ===== stage ppo"]

@@ -86,3 +86,36 @@ def test_manifest_updates_are_atomic_and_keep_other_stages(tmp_path):
     except ValueError as e:
         assert "exploded" in str(e)
     assert m.stage("rm")["status"] == "running"
+
+
+def test_ctrl_c_stops_the_stage_cleanly_and_is_recorded(tmp_path):
+    """SIGINT to the process group, as a terminal's Ctrl-C sends it, while prep is running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.kit import HH_TEST, ROOT
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launcher" / "main.py"), "stage=prep,rm", f"run.dir={run_dir}",
+                             "data.source=local", f"data.path={HH_TEST}", "data.tokenizer.vocab_size=16000"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        path = run_dir / "manifest.json"
+        if path.exists() and json.loads(path.read_text())["stages"].get("prep", {}).get("status") == "running":
+            break
+        time.sleep(0.02)
+    else:
+        proc.kill()
+        raise AssertionError("prep never started")
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out.decode()
+    stages = manifest(run_dir)["stages"]
+    assert stages["prep"]["status"] == "cancelled" and stages["prep"]["finished"], stages
+    assert "rm" not in stages
+    prep_dir = run_dir / "prep"
+    assert not (prep_dir / "hh_comparison_train_text_document.idx").exists(), "nothing that looks complete"
