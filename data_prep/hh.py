@@ -11,6 +11,8 @@ import logging
 import os
 from typing import Iterable, Optional, Tuple
 
+from tqdm import tqdm
+
 from data_prep.report import DropLog
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,7 @@ def write_split(records: Iterable[Tuple[str, int, object]], out_dir: str, split:
     prompts = JoinedJsonlWriter(os.path.join(out_dir, f"{split}_prompts.jsonl"))
     comps = JoinedJsonlWriter(os.path.join(out_dir, f"{split}_comparisons.jsonl"))
     read = kept = 0
+    bar = tqdm(desc=f"{split}: HH -> JSONL", unit=" pairs", mininterval=1.0, total=max_pairs)
     try:
         for where, line, record in records:
             if max_pairs is not None and kept >= max_pairs:
@@ -119,11 +122,14 @@ def write_split(records: Iterable[Tuple[str, int, object]], out_dir: str, split:
             comps.write({"text": pair["chosen"]})
             comps.write({"text": pair["rejected"]})
             kept += 1
+            bar.update()
         prompts.commit()
         comps.commit()
     except BaseException:
         prompts.abort()
         comps.abort()
         raise
+    finally:
+        bar.close()
     log.info("%s: %d records read, %d pairs kept, %d dropped", split, read, kept, read - kept)
     return {"read": read, "kept": kept, "prompts": prompts.path, "comparisons": comps.path}
