@@ -36,7 +36,10 @@ class ClusterConfig:
     env: Dict[str, str] = field(default_factory=dict)
     sbatch_args: Dict[str, str] = field(default_factory=dict)  # extra sbatch options
     srun_args: List[str] = field(default_factory=list)
-    requeue: bool = True
+    requeue: bool = True  # a signalled stage (time limit near, preemption) checkpoints and is requeued
+    signal_delay_s: int = 120  # --signal=USR1@N: warn the stage N seconds before the time limit
+    max_requeues: int = 3  # give up after this many requeues of one stage
+    python: Optional[str] = None  # the Python command in the job (e.g. `python` in a container); null: this one
     wait: bool = False  # wait for the jobs and stream the log
 
 

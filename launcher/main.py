@@ -48,6 +48,11 @@ def launch(cfg: DictConfig) -> int:
     run_dir = _run_dir(cfg)
     jobs = make_plan(cfg, stages, run_dir, force=cfg.force, dry_run=cfg.dry_run)
     executor = make_executor(cfg.cluster)
+    if executor.name == "slurm" and _in_sweep_job():
+        from launcher.executors import LocalExecutor  # a sweep point already is a Slurm job: no nested submission
+
+        log.info("sweep point inside Slurm job %s: running the stages in this allocation", os.environ["SLURM_JOB_ID"])
+        executor = LocalExecutor(cfg.cluster)
     if cfg.dry_run:
         return _dry_run(jobs, executor, run_dir)
     manifest = Manifest(run_dir)
@@ -66,6 +71,21 @@ def launch(cfg: DictConfig) -> int:
     code = executor.run(todo, manifest)
     log.info("run directory: %s", run_dir)
     return code
+
+
+def _in_sweep_job() -> bool:
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        return False
+    from launcher.slurm import inside_submitit_job
+
+    return inside_submitit_job()
+
+
+def _record_sweep_point(cfg: DictConfig, code: int) -> None:
+    from launcher.runs import record_sweep_point
+
+    hc = HydraConfig.get()
+    record_sweep_point(Path(hc.sweep.dir).resolve(), hc.job.num, list(hc.overrides.task), _run_dir(cfg), code)
 
 
 def _dry_run(jobs, executor, run_dir: Path) -> int:
@@ -91,9 +111,12 @@ def hydra_main(cfg: DictConfig) -> int:
         code = launch(cfg)
     except ConfigError as e:
         if multirun:
+            _record_sweep_point(cfg, 2)
             raise
         print(f"error: {e.render()}", file=sys.stderr)
         sys.exit(2)
+    if multirun and not cfg.dry_run:
+        _record_sweep_point(cfg, code)
     if code and not multirun:
         sys.exit(code)
     if code:

@@ -26,12 +26,19 @@ from launcher.stages import REGISTRY
 log = logging.getLogger("stage")
 
 
+EX_TEMPFAIL = 75  # a stage that checkpointed on a signal exits with this: "run me again"
+
+
 class StageTerminated(BaseException):
-    """SIGTERM without a stage-installed handler: stop like Ctrl-C, recorded as cancelled."""
+    """SIGTERM (or, under Slurm, SIGUSR1) with no handler of the stage's own."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"received {signal.Signals(signum).name}")
+        self.signum = signum
 
 
-def _on_sigterm(signum, frame):
-    raise StageTerminated(f"received signal {signum}")
+def _on_signal(signum, frame):
+    raise StageTerminated(signum)
 
 
 def _distributed_env() -> None:
@@ -52,11 +59,44 @@ def _init_distributed() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    log.info("torch.distributed ready: %s, rank %d of %d, rendezvous %s:%s", dist.get_backend(), dist.get_rank(),
+             dist.get_world_size(), os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
 
 
-def run_stage(run_dir: Path, stage: str) -> int:
+def _run_again(manifest: Manifest, cfg, stage: str, rank: int, why: str, requeue: bool) -> int:
+    """The stage stopped early on purpose (checkpointed, or signalled): pending, and requeued under Slurm."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)  # requeueing signals this job again
+    log.warning("stage %s stopped: %s", stage, why)
+    if rank != 0:
+        return EX_TEMPFAIL
+    manifest.update_stage(stage, status="pending", requeue_note=why)
+    if not (requeue and os.environ.get("SLURM_JOB_ID")):
+        manifest.update_stage(stage, requeue_note=f"{why}; run the same command again to resume")
+        return EX_TEMPFAIL
+    from launcher.slurm import requeue_current_job  # the one module that knows Slurm
+
+    outcome = requeue_current_job(cfg.cluster.max_requeues)
+    job = os.environ["SLURM_JOB_ID"]
+    if outcome == "cancelled":
+        manifest.update_stage(stage, status="cancelled", finished=now(), error=f"Slurm job {job} was cancelled")
+        return 130
+    if outcome == "limit":
+        manifest.update_stage(stage, status="failed", finished=now(),
+                              error=f"{why}; not requeued again: cluster.max_requeues={cfg.cluster.max_requeues} reached")
+        return 1
+    manifest.update_stage(stage, requeue_note=f"{why}; Slurm job {job} {outcome}, the stage resumes when it restarts")
+    log.warning("stage %s: Slurm job %s %s", stage, job, outcome)
+    return EX_TEMPFAIL
+
+
+def run_stage(run_dir: Path, stage: str, requeue: bool = False) -> int:
+    """Run one stage in this process. `requeue` (set under Slurm): a signal leads to a requeue, not a cancel."""
     _distributed_env()
     rank = int(os.environ.get("RANK", "0"))
+    log.info("stage %s: rank %s of %s (local rank %s) on %s, CUDA_VISIBLE_DEVICES=%s", stage, rank,
+             os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_RANK", "0"), socket.gethostname(),
+             os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)"))
     manifest = Manifest(run_dir)
     cfg_path = run_dir / stage / "config.yaml"
     cfg = load_stage_config(cfg_path)
@@ -72,11 +112,24 @@ def run_stage(run_dir: Path, stage: str) -> int:
         if os.environ.get("SLURM_JOB_ID"):
             fields["restarts"] = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         manifest.update_stage(stage, **fields)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_signal)
+    if requeue:
+        signal.signal(signal.SIGUSR1, _on_signal)  # sbatch --signal=USR1@N: the time limit is near
     try:
         _init_distributed()
         result = REGISTRY[stage].entry()(cfg) or {}
-    except (KeyboardInterrupt, StageTerminated) as e:
+    except SystemExit as e:
+        if e.code != EX_TEMPFAIL:
+            raise
+        return _run_again(manifest, cfg, stage, rank, "the stage saved a checkpoint and exited 75", requeue)
+    except StageTerminated as e:
+        if not requeue:
+            log.warning("stage %s stopped: %s", stage, e)
+            if rank == 0:
+                manifest.update_stage(stage, status="cancelled", finished=now(), error="stopped (StageTerminated)")
+            return 130
+        return _run_again(manifest, cfg, stage, rank, f"{e} (the stage has no handler of its own)", requeue)
+    except KeyboardInterrupt as e:
         log.warning("stage %s stopped: %s", stage, type(e).__name__)
         if rank == 0:
             manifest.update_stage(stage, status="cancelled", finished=now(), error=f"stopped ({type(e).__name__})")
@@ -101,9 +154,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--stage", required=True, choices=sorted(REGISTRY))
+    parser.add_argument("--requeue", action="store_true",
+                        help="under Slurm: on SIGUSR1/SIGTERM (or the stage's exit 75) requeue the job to resume")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s", datefmt="%H:%M:%S")
-    return run_stage(args.run_dir.resolve(), args.stage)
+    return run_stage(args.run_dir.resolve(), args.stage, requeue=args.requeue)
 
 
 if __name__ == "__main__":
