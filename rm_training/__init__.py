@@ -1,8 +1,13 @@
-"""Reward-model training stage."""
+"""Reward-model training stage: Bradley-Terry on comparison pairs (NeMo-Aligner's training_rm.yaml).
+
+`run(cfg)` is the stage entry the launcher calls. The generic pieces (optim, checkpointing,
+metrics, distributed, progress) are shared with the ppo stage.
+"""
 
 
-def run(cfg):
-    """Train a reward model; returns the artifacts it produced ({"nemo": path, ...})."""
-    raise NotImplementedError(
-        "the rm stage is not implemented yet (issue 6); stage=prep and dry_run=true work today"
-    )
+def run(cfg) -> dict:
+    """Train a reward model; returns its artifacts: {"nemo", "metrics", "plot", "test_metrics",
+    "checkpoints", "report"} (absolute paths in the stage folder)."""
+    from rm_training.stage import run as _run
+
+    return _run(cfg)

@@ -77,6 +77,12 @@ class RMDataConfig:
     data_prefix: Dict[str, Any] = field(default_factory=lambda: {"train": [], "validation": [], "test": []})
     # pairs longer than seq_length: truncate (keep the end of the dialogue) | drop
     overlong: str = "truncate"
+    # length-aware batching (no padding to seq_length): windows of this many global batches are
+    # sorted by pair length before being cut into global batches; 0 = random global batches
+    length_grouping_window: int = 16
+    # split a micro-batch whose padded size (2 x pairs x longest) exceeds this; null = never
+    max_micro_batch_tokens: Optional[int] = None
+    pad_to_multiple: int = 8  # round each micro-batch's padded length up (tensor-core friendly)
 
 
 @dataclass

@@ -1,0 +1,268 @@
+"""The reward-model training loop: gradient accumulation over length-aware micro-batches, DDP,
+validation, checkpoints (periodic, top-k, on preemption) and exact resume.
+
+A step's global batch is fixed by (seed, epoch, batch-in-epoch), so the data position of a
+checkpoint is its step; the loss of each micro-batch is sum(pair losses) * dp / global_batch_size,
+so DDP's gradient average is the mean over the global batch whatever the split into micro-batches
+and ranks (1 process and N processes compute the same step up to float summation order).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import distributed as D
+from .checkpointing import CheckpointManager, PreemptionHandler, load_state, set_rng_state
+from .data import PairDataset, collate, global_batches, micro_batches
+from .loss import PairStats, bradley_terry_loss, pair_sums, split_rewards
+from .metrics import MetricsLogger
+from .optim import build_optimizer, build_scheduler
+from .progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopSettings:
+    """The loop's knobs, read from RMConfig by the stage (kept flat so tests and benchmarks can
+    build one directly)."""
+    global_batch_size: int
+    micro_batch_size: int
+    seed: int = 1234
+    max_epochs: int = 1
+    max_steps: int = -1
+    val_check_interval: int = 100
+    save_interval: int = 100
+    limit_val_batches: float = 1.0
+    gradient_clip_val: float = 1.0
+    train_random_sampler: bool = True
+    val_random_sampler: bool = False
+    log_every_n_steps: int = 1
+    length_grouping_window: int = 16
+    max_micro_batch_tokens: Optional[int] = None
+    pad_to_multiple: int = 8
+    autocast_dtype: Optional[torch.dtype] = None  # torch.bfloat16 on GPU for bf16; None = fp32
+    resume: bool = True
+    monitor: str = "val_loss"
+    mode: str = "min"
+    save_top_k: int = 3
+    filename: str = "megatron_gpt--{val_loss:.3f}-{step}"
+
+
+class RMTrainer:
+    def __init__(self, model: torch.nn.Module, optim_cfg, settings: LoopSettings, train: PairDataset,
+                 val: Optional[PairDataset], pad_id: int, stage_dir: str, device: torch.device,
+                 on_checkpoint: Optional[Callable[[str, bool], None]] = None,
+                 on_remove: Optional[Callable[[str], None]] = None):
+        self.s, self.train_ds, self.val_ds, self.pad_id = settings, train, val, pad_id
+        self.device, self.stage_dir = device, stage_dir
+        self.dp, self.rank = D.world_size(), D.rank()
+        gbs, mbs = settings.global_batch_size, settings.micro_batch_size
+        if gbs % (mbs * self.dp):
+            raise ValueError(f"global_batch_size={gbs} is not divisible by micro_batch_size={mbs} x data-parallel {self.dp}")
+        self.steps_per_epoch = len(train) // gbs
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(train)} training pairs do not fill one global batch of {gbs}")
+        by_epochs = settings.max_epochs * self.steps_per_epoch if settings.max_epochs and settings.max_epochs > 0 else None
+        by_steps = settings.max_steps if settings.max_steps and settings.max_steps > 0 else None
+        if by_epochs is None and by_steps is None:
+            raise ValueError("set trainer.rm.max_epochs or trainer.rm.max_steps")
+        self.max_steps = min(x for x in (by_epochs, by_steps) if x is not None)
+        self.module = model.to(device)
+        self.model = D.wrap_ddp(self.module, device)
+        self.optimizer = build_optimizer(self.module, optim_cfg)
+        self.scheduler = build_scheduler(self.optimizer, optim_cfg, self.max_steps)
+        self.ckpt = CheckpointManager(os.path.join(stage_dir, "checkpoints"), settings.monitor, settings.mode,
+                                      settings.save_top_k, settings.filename, on_remove=on_remove)
+        self.on_checkpoint = on_checkpoint
+        self.step = 0
+        self.last_val: Dict[str, float] = {}
+        self._plan_epoch, self._plan = -1, []
+        self.logger: Optional[MetricsLogger] = None
+        self.preempt = PreemptionHandler()
+
+    # --- data -----------------------------------------------------------------------------------
+    def global_batch(self, step: int) -> np.ndarray:
+        epoch, b = divmod(step, self.steps_per_epoch)
+        if epoch != self._plan_epoch:
+            self._plan = global_batches(self.train_ds.lengths, self.s.global_batch_size, self.s.seed, epoch,
+                                        self.s.train_random_sampler, self.s.length_grouping_window)
+            self._plan_epoch = epoch
+        return self._plan[b]
+
+    def _autocast(self):
+        if self.s.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.s.autocast_dtype)
+
+    # --- one optimizer step ------------------------------------------------------------------
+    def train_step(self, step: int) -> Dict[str, float]:
+        s = self.s
+        t0 = time.perf_counter()
+        self.model.train()
+        mbs_list = micro_batches(self.global_batch(step), self.train_ds.lengths, s.micro_batch_size, self.dp,
+                                 self.rank, s.max_micro_batch_tokens)
+        stats = PairStats(self.device)
+        scale = self.dp / s.global_batch_size
+        real = padded = 0
+        for i, idx in enumerate(mbs_list):
+            batch = collate(self.train_ds, idx, self.pad_id, s.pad_to_multiple).to(self.device)
+            sync = i == len(mbs_list) - 1
+            ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else contextlib.nullcontext()
+            with ctx:
+                with self._autocast():
+                    rewards = self.model(batch.input_ids, lengths=batch.lengths)
+                c, r = split_rewards(rewards.float())
+                losses = bradley_terry_loss(c, r)
+                (losses.sum() * scale).backward()
+            stats.add(pair_sums(c, r, losses))
+            real += batch.tokens
+            padded += batch.padded_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(),
+                                                   s.gradient_clip_val if s.gradient_clip_val else math.inf)
+        self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        vec = torch.cat([stats.vector(), torch.tensor([real, padded], dtype=torch.float64, device=self.device)])
+        if self.dp > 1:
+            dist.all_reduce(vec)
+        m = PairStats.metrics(vec[:-2].tolist())
+        real, padded = int(vec[-2].item()), int(vec[-1].item())
+        dt = time.perf_counter() - t0
+        m.update(lr=lr, grad_norm=float(grad_norm), tokens=real, padding_efficiency=real / max(padded, 1),
+                 pairs_per_s=m["pairs"] / dt, tokens_per_s=real / dt, step_time=dt,
+                 epoch=step // self.steps_per_epoch, consumed_samples=(step + 1) * s.global_batch_size)
+        return m
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def eval_subset(self, ds: PairDataset, limit) -> np.ndarray:
+        n = len(ds)
+        if isinstance(limit, float) and limit <= 1.0:
+            k = int(math.floor(limit * n)) if limit < 1.0 else n
+        else:
+            k = min(n, int(limit) * self.s.global_batch_size)
+        if self.s.val_random_sampler:
+            return np.sort(np.random.default_rng([self.s.seed, 7]).permutation(n)[:k])
+        return np.arange(k)
+
+    @torch.no_grad()
+    def evaluate(self, ds: PairDataset, limit=1.0) -> Dict[str, float]:
+        """Metrics over the (limited) split; every rank takes its share of length-sorted micro-batches."""
+        self.model.eval()
+        idx = self.eval_subset(ds, limit)
+        idx = idx[np.argsort(ds.lengths[idx], kind="stable")]
+        mbs = self.s.micro_batch_size
+        blocks = [idx[i: i + mbs] for i in range(0, len(idx), mbs)][self.rank:: self.dp]
+        stats = PairStats(self.device)
+        for block in blocks:
+            for part in micro_batches(block, ds.lengths, len(block), 1, 0, self.s.max_micro_batch_tokens):
+                batch = collate(ds, part, self.pad_id, self.s.pad_to_multiple).to(self.device)
+                with self._autocast():
+                    rewards = self.module(batch.input_ids, lengths=batch.lengths)
+                c, r = split_rewards(rewards.float())
+                stats.add(pair_sums(c, r, bradley_terry_loss(c, r)))
+        vec = stats.vector()
+        if self.dp > 1:
+            dist.all_reduce(vec)
+        return PairStats.metrics(vec.tolist())
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def state(self, gather_rng: bool = True) -> dict:
+        from .checkpointing import rng_state
+
+        rngs = [rng_state()]
+        if gather_rng and self.dp > 1:
+            rngs = [None] * self.dp
+            dist.all_gather_object(rngs, rng_state())
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step,
+                "consumed_samples": self.step * self.s.global_batch_size, "last_val": dict(self.last_val),
+                "rng_per_rank": rngs, "world_size": self.dp}
+
+    def save_checkpoint(self, gather_rng: bool = True) -> Optional[str]:
+        st = self.state(gather_rng)
+        path = None
+        if D.is_main():
+            metrics = {k: v for k, v in self.last_val.items()}
+            is_best = self.ckpt.is_best(metrics.get(self.s.monitor))
+            path = self.ckpt.save(st, self.step, metrics)
+            log.info("checkpoint saved: %s", path)
+            if self.on_checkpoint:
+                self.on_checkpoint(path, is_best)
+        if gather_rng:
+            D.barrier()
+        return path
+
+    def maybe_resume(self) -> bool:
+        path = D.broadcast_object(self.ckpt.latest() if D.is_main() else None)
+        if not (self.s.resume and path):
+            return False
+        st = load_state(path, map_location="cpu", restore_rng=False)
+        self.module.load_state_dict(st["model"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.step, self.last_val = int(st["step"]), dict(st.get("last_val", {}))
+        rngs = st.get("rng_per_rank") or [st.get("rng")]
+        set_rng_state(rngs[self.rank] if len(rngs) == self.dp else rngs[0])
+        log.info("resumed from %s at step %d (%d pairs consumed)", path, self.step, st["consumed_samples"])
+        return True
+
+    # --- the loop -----------------------------------------------------------------------------
+    def fit(self) -> Dict[str, float]:
+        s = self.s
+        resumed = self.maybe_resume()
+        self.logger = MetricsLogger(self.stage_dir, resume_step=self.step if resumed else None)
+        bar = Progress(self.max_steps, initial=self.step, desc="rm", log_every=max(1, s.log_every_n_steps * 10))
+        log.info("training %d steps (%d per epoch, global batch %d pairs, micro batch %d, %d process(es)); %d train pairs",
+                 self.max_steps, self.steps_per_epoch, s.global_batch_size, s.micro_batch_size, self.dp, len(self.train_ds))
+        saved_at = self.step if resumed else -1
+        try:
+            with self.preempt:
+                while self.step < self.max_steps:
+                    m = self.train_step(self.step)
+                    self.step += 1
+                    if self.step % s.log_every_n_steps == 0 or self.step == self.max_steps:
+                        self.logger.log(self.step, m, "train")
+                    bar.update(m["pairs"], m["tokens"], loss=m["loss"], acc=m["accuracy"])
+                    end = self.step == self.max_steps
+                    if self.val_ds is not None and len(self.val_ds) and (self.step % s.val_check_interval == 0 or end):
+                        v = self.evaluate(self.val_ds, s.limit_val_batches)
+                        self.last_val = {"val_loss": v["loss"], "val_accuracy": v["accuracy"]}
+                        self.logger.log(self.step, v, "val")
+                        log.info("step %d validation: loss %.4f accuracy %.4f margin %.3f", self.step, v["loss"],
+                                 v["accuracy"], v["margin"])
+                    if self.step % s.save_interval == 0 or end:
+                        self.save_checkpoint()
+                        saved_at = self.step
+                    stop = D.all_reduce_max(self.preempt.requested or 0, self.device)
+                    if stop:
+                        if saved_at != self.step:
+                            self.save_checkpoint()
+                        log.warning("preempted (signal %d): checkpointed at step %d, exiting with %d",
+                                    int(stop), self.step, PreemptionHandler.EXIT_CODE)
+                        self._close(bar)
+                        raise SystemExit(PreemptionHandler.EXIT_CODE)
+        except KeyboardInterrupt:
+            if saved_at != self.step and self.step > 0:
+                log.warning("interrupted: checkpointing step %d", self.step)
+                with contextlib.suppress(Exception):
+                    self.save_checkpoint(gather_rng=False)
+            self._close(bar)
+            raise
+        self._close(bar)
+        return self.last_val
+
+    def _close(self, bar: Progress) -> None:
+        bar.close()
+        if self.logger is not None:
+            self.logger.flush()
