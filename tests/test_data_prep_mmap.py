@@ -93,3 +93,27 @@ def test_no_eod(tmp_path, spm_tok):
     jsonl_to_mmap(str(src), str(tmp_path / "o"), spm_tok, append_eod=False, progress=False)
     _, sizes, _, _ = read_index(str(tmp_path / "o"))
     assert sizes.tolist() == [len(spm_tok.encode("one two")), len(spm_tok.encode("three"))]
+
+
+class WordIds:
+    """A tokenizer with a GPT-2B-sized vocab (int32 tokens): word -> stable id above 65,500."""
+
+    vocab_size, eos_id = 256000, 3
+
+    def encode_batch(self, texts, num_threads=-1):
+        return [[65600 + sum(map(ord, w)) * 7 % 190000 for w in t.split()] for t in texts]
+
+
+def test_jsonl_to_mmap_int32_vocab(tmp_path):
+    tok = WordIds()
+    texts = [" ".join(f"w{j}x{i}" for j in range(i % 50)) for i in range(300)]
+    src = tmp_path / "c.jsonl"
+    _write_jsonl(src, texts)
+    ref_docs = [ids + [tok.eos_id] if ids else [] for ids in tok.encode_batch(texts)]
+    megatron_build(str(tmp_path / "ref"), ref_docs, np.int32)
+    jsonl_to_mmap(str(src), str(tmp_path / "ours"), tok, workers=2, chunk_bytes=1500, progress=False)
+    assert _bytes(str(tmp_path / "ours")) == _bytes(str(tmp_path / "ref"))
+    ds = mcore.IndexedDataset(str(tmp_path / "ours"))
+    kept = [d for d in ref_docs if d]  # text 0 has no words: skipped
+    assert ds.index.dtype == np.int32 and len(ds) == len(kept) == 294
+    assert ds[1].tolist() == kept[1]
