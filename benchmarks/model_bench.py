@@ -36,7 +36,7 @@ GPT = {"cfg": presets.gpt_2b_001, "vocab": 256000}
 
 def sync():
     if DEV == "cuda":
-        sync()
+        torch.cuda.synchronize()
 
 
 def log(*a):
@@ -140,6 +140,33 @@ def correctness():
                 seq.append(int(ours(torch.tensor([seq], device=DEV))[0, -1].argmax()))
             ok &= g.tokens[i, : len(seq)].tolist() == seq
         out["smollm2size_fp32_kv_cache_equals_recompute"] = bool(ok)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    return out
+
+
+def bf16_same_weights():
+    """Is our bf16 error the format's or ours? Same 2B-size Llama weights, both engines, bf16 vs fp32."""
+    import transformers
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(GPT["cfg"](), normalization="rmsnorm", rotary_percentage=1.0)
+    with torch.device(DEV):
+        hf = transformers.LlamaForCausalLM(hf_llama_config(cfg, GPT["vocab"])).eval()
+    ours = ours_from_hf(hf).eval()
+    x = torch.randint(0, GPT["vocab"], (2, 512), device=DEV)
+    out = {}
+    with torch.no_grad():
+        hf32, ours32 = hf(x).logits.float(), ours(x).float()
+        out["fp32_ours_vs_transformers"] = rel(ours32, hf32)
+        hf.to(torch.bfloat16)
+        ours = ours_from_hf(hf).eval()
+        hf16, ours16 = hf(x).logits.float(), ours(x).float()
+    out["bf16_vs_fp32_ours"] = rel(ours16, ours32)
+    out["bf16_vs_fp32_transformers"] = rel(hf16, hf32)
+    out["bf16_ours_vs_bf16_transformers"] = rel(ours16, hf16)
+    out["argmax_agree_bf16_vs_fp32_ours"] = float((ours16.argmax(-1) == ours32.argmax(-1)).float().mean())
+    out["argmax_agree_bf16_vs_fp32_transformers"] = float((hf16.argmax(-1) == hf32.argmax(-1)).float().mean())
     torch.backends.cuda.matmul.allow_tf32 = True
     return out
 
@@ -290,7 +317,7 @@ def main():
     RESULTS["matmul_8192_bf16_flops"] = matmul_peak()
     log("device", RESULTS["device"], "matmul TFLOP/s", RESULTS["matmul_8192_bf16_flops"] / 1e12)
     bs = tuple(int(b) for b in args.batches.split(","))
-    fns = {"correctness": correctness,  # noqa: E131
+    fns = {"correctness": correctness, "bf16_same_weights": bf16_same_weights,
            "train": lambda: train_bench(bs, seq=128, iters=2) if args.smoke else train_bench(bs),
            "generate": lambda: gen_bench(4, 16, 16) if args.smoke else gen_bench()}
     for s in args.sections.split(","):
