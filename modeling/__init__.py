@@ -16,7 +16,7 @@ _EXPORTS = {
     "GenerationOutput": "generation", "KVCache": "generation", "generate": "generation", "sample_next": "generation",
     "clear_generation_state": "generation",
     "RewardModel": "heads", "ValueModel": "heads", "attach_head": "heads", "last_token_index": "heads",
-    "GPTModel": "model", "build_model": "model", "flops_per_token": "model",
+    "GPTModel": "model", "build_model": "model", "flops_per_token": "model", "compute_dtype": "model",
     "NemoArchive": "nemo_io", "extract_member": "nemo_io",
 }
 _ALIASES = {"CriticModel": "ValueModel"}  # NeMo-Aligner's name for the PPO value network
@@ -37,6 +37,6 @@ def __getattr__(name):
 __all__ = [
     "ModelConfig", "ModelTokenizerConfig", "GPTModel", "RewardModel", "ValueModel", "CriticModel",
     "build_model", "load_pretrained", "load_config", "save_nemo", "resolve_path", "generate",
-    "GenerationOutput", "KVCache", "sample_next", "clear_generation_state", "flops_per_token", "attach_head", "last_token_index",
+    "GenerationOutput", "KVCache", "sample_next", "clear_generation_state", "flops_per_token", "compute_dtype", "attach_head", "last_token_index",
     "NemoArchive", "extract_member", "config_from_nemo", "config_to_nemo", "presets",
 ]

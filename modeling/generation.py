@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 from .model import GPTModel
 

@@ -8,7 +8,6 @@ One code path serves both families; `ModelConfig` picks the variant:
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -140,8 +140,11 @@ def build_model(cfg: ModelConfig, vocab_size: Optional[int] = None, *, device=No
     return model
 
 
-def config_with(cfg: ModelConfig, **changes) -> ModelConfig:
-    return dataclasses.replace(cfg, **changes)
+def compute_dtype(cfg: ModelConfig, device) -> torch.dtype:
+    """The dtype to run in: bf16 on CUDA when precision says bf16 (16 / bf16-mixed too), else fp32
+    (the CPU path always computes in fp32, as the config documents)."""
+    bf16 = str(cfg.precision) in ("bf16", "16", "bf16-mixed")
+    return torch.bfloat16 if bf16 and torch.device(device).type == "cuda" else torch.float32
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, vocab_size: Optional[int] = None,

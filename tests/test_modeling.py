@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling import (GPTModel, ModelConfig, NemoArchive, RewardModel, ValueModel, build_model, extract_member,
-                      flops_per_token, load_config, load_pretrained, resolve_path, save_nemo)
+from modeling import (NemoArchive, RewardModel, build_model, extract_member, flops_per_token, load_config,
+                      load_pretrained, resolve_path, save_nemo)
 from modeling import presets
 from modeling.layers import Norm, Rotary, apply_rotary
 
