@@ -124,9 +124,13 @@ class PairDataset:
             want = n if len(weighted) == 1 else int(round(w / wsum * total))
             if n == 0 or want == 0:
                 continue
-            idx = np.concatenate([rng.permutation(n) for _ in range(-(-want // n))])[:want] if want > n else np.arange(n)
+            if want >= n:  # all pairs, cycling through a seeded permutation for the excess
+                extra = np.concatenate([rng.permutation(n) for _ in range(-(-(want - n) // n))])[: want - n] if want > n else []
+                idx = np.concatenate([np.arange(n), np.asarray(extra, dtype=np.int64)])
+            else:
+                idx = np.sort(rng.permutation(n)[:want])
             src_ids.append(np.full(len(idx), s, dtype=np.int32))
-            pair_ids.append(np.sort(idx).astype(np.int64) if want <= n else idx.astype(np.int64))
+            pair_ids.append(idx.astype(np.int64))
         src = np.concatenate(src_ids) if src_ids else np.zeros(0, np.int32)
         pid = np.concatenate(pair_ids) if pair_ids else np.zeros(0, np.int64)
         lc = np.array([self.sources[s].sizes[2 * p] for s, p in zip(src, pid)], dtype=np.int64)

@@ -25,8 +25,8 @@ def _typed(section, schema):
 
     if isinstance(section, schema):
         return section
-    if OmegaConf.is_config(section):
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), section))
+    if OmegaConf.is_config(section):  # resolve against the whole config first (${cluster.nodes} ...)
+        section = OmegaConf.to_container(section, resolve=True)
     if isinstance(section, dict):
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(section)))
     raise TypeError(f"expected {schema.__name__} or a DictConfig, got {type(section).__name__}")
