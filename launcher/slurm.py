@@ -182,7 +182,15 @@ class SlurmExecutor:
     def _executor(self, job: StageJob, extra: Optional[Dict] = None):
         import submitit
 
-        ex = submitit.SlurmExecutor(folder=job.stage_dir / "slurm", max_num_timeout=self.cluster.max_requeues)
+        class Executor(submitit.SlurmExecutor):  # the same text for the dry run and sbatch, with a note on top
+            def _make_submission_file_text(self, command: str, uid: str) -> str:
+                text = super()._make_submission_file_text(command, uid)
+                return text.replace("#!/bin/bash\n", f"#!/bin/bash\n{note}\n", 1)
+
+        deps = (extra or {}).get("dependency")
+        note = ("# submitted held; released once every job of the run is queued and recorded" if not deps else
+                f"# starts when {', '.join(job.after) or 'the stage before'} succeeded ({deps}); cancelled otherwise")
+        ex = Executor(folder=job.stage_dir / "slurm", max_num_timeout=self.cluster.max_requeues)
         params = self.parameters(job)
         params["additional_parameters"] = {**params["additional_parameters"], **(extra or {})}
         try:
@@ -195,10 +203,7 @@ class SlurmExecutor:
         """The exact batch script submitted for this stage (`%j` becomes the job id)."""
         deps = [f"{s.upper()}_JOB_ID" for s in job.after]
         extra = {"dependency": "afterok:" + ":".join(deps), "kill-on-invalid-dep": "yes"} if deps else {"hold": True}
-        text = self._executor(job, extra)._make_submission_file_text(self.command(job), "dry-run")
-        note = ("# submitted held; released once every job of the run is queued and recorded"
-                if not deps else "# starts only if " + ", ".join(job.after) + " succeeded; cancelled otherwise")
-        return text.replace("#!/bin/bash\n", f"#!/bin/bash\n{note}\n", 1)
+        return self._executor(job, extra)._make_submission_file_text(self.command(job), "dry-run")
 
     # ------------------------------------------------------------------ submission
     def run(self, jobs: List[StageJob], manifest: Manifest) -> int:
@@ -215,8 +220,11 @@ class SlurmExecutor:
                 sjob = ex._submit_command(self.command(job))
             except BaseException as e:  # sbatch refused (or we were interrupted): undo the chain
                 cancel(list(ids.values()))
-                for f in (job.stage_dir / "slurm").glob(".submission_file_*.sh"):
-                    f.unlink()
+                for j, sj in submitted:  # leave no trace of this attempt: nothing ran, nothing is recorded
+                    Path(sj.paths.submission_file).unlink(missing_ok=True)
+                for j in [j for j, _ in submitted] + [job]:
+                    for f in (j.stage_dir / "slurm").glob(".submission_file_*.sh"):
+                        f.unlink()
                 if isinstance(e, (FailedJobError, FailedSubmissionError)):
                     raise ConfigError(_refusal(job, e, self.cluster)) from None
                 raise
@@ -254,10 +262,10 @@ class SlurmExecutor:
 def _refusal(job: StageJob, error: Exception, cluster) -> List[str]:
     slurm = [l.strip() for l in str(error).splitlines() if "error" in l.lower() or "failed" in l.lower()]
     slurm = slurm or [str(error).strip()]
-    ours = {
-        "partition": f"cluster.partition={cluster.partition!r}: no such partition here (sinfo lists them)",
+    ours = {  # Slurm's message -> which key to change (first match wins: "account/partition" is an account)
         "account": f"cluster.account={cluster.account!r}: you may not submit with this account "
                    "(sacctmgr show assoc user=$USER lists yours)",
+        "partition": f"cluster.partition={cluster.partition!r}: no such partition here (sinfo lists them)",
         "node configuration": f"stage {job.stage} asks for more than a node has: cluster.gpus_per_node="
                               f"{cluster.gpus_per_node if is_gpu_stage(job.stage) else 0}, cluster.nodes={cluster.nodes}, "
                               f"cpus_per_task, mem (sinfo -o '%P %c %m %G' shows what nodes have)",
@@ -281,22 +289,29 @@ def cancel(ids: Sequence[str]) -> None:
 
 
 def job_info(ids: Sequence[str]) -> Dict[str, Dict[str, str]]:
-    """{job id: {State, Reason, ExitCode, Elapsed, NodeList}} from sacct (scontrol for jobs sacct lacks)."""
+    """{job id: {State, Reason, ExitCode, Elapsed, NodeList}}: squeue for live jobs (sacct lags behind the
+    controller), sacct for ended ones, `scontrol show job` for what neither knows (no accounting)."""
     ids = [str(i) for i in ids if i]
     out: Dict[str, Dict[str, str]] = {}
     if not ids:
         return out
-    fields = "JobID,State,Reason,ExitCode,Elapsed,NodeList"
-    try:
-        r = subprocess.run(["sacct", "-X", "-n", "-P", "-o", fields, "-j", ",".join(ids)],
-                           capture_output=True, text=True, timeout=60)
+    names = ("State", "Reason", "ExitCode", "Elapsed", "NodeList")
+    queries = [(["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%r|-|%M|%N"], False),
+               (["sacct", "-X", "-n", "-P", "-o", "JobID,State,Reason,ExitCode,Elapsed,NodeList", "-j"], True)]
+    for argv, needs_ids in queries:
+        todo = [i for i in ids if i not in out]
+        if not todo:
+            break
+        try:
+            r = subprocess.run(argv + ([",".join(todo)] if needs_ids else []), capture_output=True, text=True,
+                               timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
         for line in r.stdout.splitlines():
             vals = line.split("|")
-            if len(vals) == 6 and vals[0] in ids:
-                out[vals[0]] = dict(zip(fields.split(",")[1:], vals[1:]))
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    for jid in set(ids) - set(out):  # not in accounting (yet, or no slurmdbd): ask the controller
+            if len(vals) == 6 and vals[0] in todo:
+                out[vals[0]] = dict(zip(names, vals[1:]))
+    for jid in set(ids) - set(out):
         try:
             r = subprocess.run(["scontrol", "show", "job", "-o", jid], capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired):
