@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from rm_training.config import ExpManagerConfig, OptimConfig, PretrainedCheckpoint
+from rm_training.config import CheckpointCallbackParams, ExpManagerConfig, OptimConfig, PretrainedCheckpoint
 
 
 @dataclass
@@ -61,8 +61,9 @@ class ActorPPOConfig:
     num_rollout_samples: int = 512
     forward_micro_batch_size: int = 8
     val_rollout_micro_batch_size: int = 8
-    num_val_samples: int = 64
-    ppo_epochs: int = 1
+    num_val_samples: int = 64  # validation rollouts: the first N validation prompts, fixed sampling seed
+    ppo_epochs: int = 1  # passes over each rollout batch
+    # reference and reward model parked in CPU memory while actor and critic train (GPU only)
     entropy_bonus: float = 0.0
     ratio_eps: float = 0.2
     offload_idle_models: bool = False
@@ -114,7 +115,12 @@ class RewardModelRef:
 @dataclass
 class PPOConfig:
     trainer: PPOTrainerConfig = field(default_factory=PPOTrainerConfig)
-    exp_manager: ExpManagerConfig = field(default_factory=lambda: ExpManagerConfig(name="megatron_gpt_ppo_actor"))
+    exp_manager: ExpManagerConfig = field(default_factory=lambda: ExpManagerConfig(
+        name="megatron_gpt_ppo_actor",
+        # as gpt_ppo_actor.yaml: keep the best by validation reward (plus the newest, for resume)
+        checkpoint_callback_params=CheckpointCallbackParams(
+            monitor="val_global_rewards", mode="max", save_top_k=1, always_save_nemo=False,
+            save_nemo_on_train_end=True, filename="megatron_gpt-{step}-{val_global_rewards:.3f}")))
     pretrained_checkpoint: PretrainedCheckpoint = field(default_factory=PretrainedCheckpoint)
     model: ActorModelConfig = field(default_factory=ActorModelConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
