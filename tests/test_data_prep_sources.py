@@ -179,3 +179,14 @@ def test_cli_prep_and_preprocess_match(tmp_path, tok):
     ours = tmp_path / "datasets" / "hh_comparison_train_text_document"
     for ext in (".bin", ".idx"):
         assert open(str(ours) + ext, "rb").read() == open(art["data_prefix"]["train"] + ext, "rb").read()
+
+
+@pytest.mark.skipif(not HH_TEST.exists(), reason="../shared HH data missing")
+def test_cli_convert_is_the_hands_on_script(tmp_path):
+    """`python -m data_prep convert` = `python process_anthropic_hh.py --output-dir D`."""
+    r = subprocess.run([sys.executable, "-m", "data_prep", "convert", "--source", "local", "--path",
+                        str(HH_TEST), "--splits", "test", "--output-dir", str(tmp_path / "c")],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["test"]["pairs_kept"] == 2303
+    assert (tmp_path / "c" / "test_comparisons.jsonl").stat().st_size > 0
