@@ -1,0 +1,157 @@
+"""Reward-model training throughput, GPT-2B-001 architecture (random weights, 256k vocab), bf16, one
+GPU, on HH's real pair-length distribution (benchmarks/rm_hh_lengths.json, random token ids):
+
+  ours    the rm stage's RMTrainer.train_step: length-grouped global batches of 64 pairs, micro-batches
+          padded to their longest member (split above --max-tokens padded tokens), eager (and
+          --compile: torch.compile per layer)
+  padded  (a) NeMo-Aligner's batching with the same model code: every sequence padded to 4096,
+          micro_batch_size 2
+  trl     (b) benchmarks/rm_trl_baseline.py in a subprocess: TRL's RewardTrainer on a transformers Llama
+          of the same size
+
+MFU counts real tokens only: sum over real sequences of len * modeling.flops_per_token(cfg, len,
+lm_head=False) per second, over the H100's 989 TFLOP/s dense bf16 peak.
+
+    python benchmarks/rm_throughput.py --out results.json [--compile] [--trl]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data_prep.indexed import MMapIndexedWriter  # noqa: E402
+from modeling import RewardModel, flops_per_token, presets  # noqa: E402
+from modeling.layers import init_weights  # noqa: E402
+from rm_training.data import PairDataset  # noqa: E402
+from rm_training.trainer import LoopSettings, RMTrainer  # noqa: E402
+
+PEAK = 989.4e12  # H100 SXM dense bf16
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def synthetic_pairs(path: str, lengths, vocab: int, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    w = MMapIndexedWriter(path, np.int32)
+    for lc, lr in lengths:
+        w.add_document(rng.integers(0, vocab, lc))
+        w.add_document(rng.integers(0, vocab, lr))
+    w.finish()
+    return path
+
+
+def real_flops(cfg, ds: PairDataset, indices) -> float:
+    total = 0.0
+    for k in indices:
+        for seq in ds.pair(int(k)):
+            total += len(seq) * flops_per_token(cfg, len(seq), lm_head=False)
+    return total
+
+
+def measure(name, model, cfg, ds, settings, warmup, steps, optim_cfg, device="cuda"):
+    tr = RMTrainer(model, optim_cfg, settings, ds, None, 0, "/tmp/rm_bench_" + name, torch.device(device))
+    tr.ckpt = None
+    for s in range(warmup):
+        tr.train_step(s)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    pairs = real = padded = 0
+    flops = 0.0
+    for s in range(warmup, warmup + steps):
+        m = tr.train_step(s)
+        pairs += m["pairs"]
+        real += m["tokens"]
+        padded += int(m["tokens"] / m["padding_efficiency"])
+        flops += real_flops(cfg, ds, tr.global_batch(s))
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    res = {"name": name, "pairs_per_s": pairs / dt, "real_tokens_per_s": real / dt, "padded_tokens_per_s": padded / dt,
+           "padding_efficiency": real / padded, "mfu_real": flops / dt / PEAK, "seconds": dt, "steps": steps,
+           "pairs": pairs, "global_batch_size": settings.global_batch_size, "micro_batch_size": settings.micro_batch_size,
+           "max_micro_batch_tokens": settings.max_micro_batch_tokens, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+           "loss_last": m["loss"]}
+    print(json.dumps(res), flush=True)
+    del tr
+    torch.cuda.empty_cache()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default=os.path.join(HERE, "rm_hh_lengths.json"))
+    ap.add_argument("--out", default="rm_throughput.json")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--gbs", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--trl", action="store_true")
+    ap.add_argument("--skip-padded", action="store_true")
+    ap.add_argument("--window", type=int, default=16, help="length_grouping_window (global batches)")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    lengths = json.load(open(args.lengths))["pairs"]
+    cfg = presets.gpt_2b_001()
+    vocab = cfg.padded_vocab_size(256000)
+    os.makedirs("/tmp/rm_bench", exist_ok=True)
+    prefix = synthetic_pairs("/tmp/rm_bench/hh_lengths", lengths, 256000)
+    ds = PairDataset([prefix], 4096, "truncate", 1234, "train")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = RewardModel(cfg, vocab, with_lm_head=False)
+    init_weights(model, cfg)
+    optim_cfg = {"name": "adamw", "lr": 9e-6, "weight_decay": 0.1, "betas": [0.9, 0.98],
+                 "sched": {"name": "CosineAnnealing", "warmup_steps": 10, "constant_steps": 1000, "min_lr": 9e-7}}
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "params": model.num_parameters(),
+            "pairs_in_lengths": len(lengths), "mean_tokens_per_pair": float(np.sum(lengths) / len(lengths))}
+    print(json.dumps(info), flush=True)
+    results = {"info": info, "runs": []}
+    common = dict(seed=1234, max_steps=10_000, gradient_clip_val=1.0, autocast_dtype=torch.bfloat16)
+    ours = LoopSettings(global_batch_size=args.gbs, micro_batch_size=args.gbs, length_grouping_window=args.window,
+                        max_micro_batch_tokens=args.max_tokens, pad_to_multiple=8, **common)
+    results["runs"].append(measure("ours_eager", model, cfg, ds, ours, 3, args.steps, optim_cfg))
+    if not args.skip_padded:
+        padded = LoopSettings(global_batch_size=16, micro_batch_size=2, length_grouping_window=0,
+                              pad_to_multiple=4096, **common)
+        results["runs"].append(measure("a_padded_4096_mbs2", model, cfg, ds, padded, 1, 2, optim_cfg))
+    json.dump(results, open(args.out, "w"), indent=1)
+    if args.compile:
+        model.config.torch_compile = True
+        t = time.perf_counter()
+        results["runs"].append(measure("ours_compiled", model, cfg, ds, ours, 6, args.steps, optim_cfg))
+        results["runs"][-1]["compile_and_warmup_s"] = time.perf_counter() - t - results["runs"][-1]["seconds"]
+        json.dump(results, open(args.out, "w"), indent=1)
+    if args.trl:
+        del model
+        torch.cuda.empty_cache()
+        out = subprocess.run([sys.executable, os.path.join(HERE, "rm_trl_baseline.py"), "--lengths", args.lengths],
+                             capture_output=True, text=True, timeout=400)
+        print(out.stdout[-3000:], out.stderr[-3000:], flush=True)
+        line = [l for l in out.stdout.splitlines() if l.startswith("{") and "trl" in l]
+        results["runs"].append(json.loads(line[-1]) if line else {"name": "b_trl", "error": out.stderr[-1500:]})
+    base = results["runs"][0]["pairs_per_s"]
+    best = max(r.get("pairs_per_s", 0) for r in results["runs"] if r["name"].startswith("ours"))
+    for r in results["runs"]:
+        if r.get("pairs_per_s"):
+            r["ours_best_speedup_vs_this"] = best / r["pairs_per_s"]
+    json.dump(results, open(args.out, "w"), indent=1)
+    print("\n| run | pairs/s | real tok/s | useful MFU | padding eff. | peak GiB |\n|---|---|---|---|---|---|")
+    for r in results["runs"]:
+        if "pairs_per_s" in r:
+            print(f"| {r['name']} | {r['pairs_per_s']:.1f} | {r['real_tokens_per_s']:.0f} | {100 * r['mfu_real']:.1f}% | "
+                  f"{r.get('padding_efficiency', float('nan')):.2f} | {r.get('peak_mem_gib', float('nan')):.1f} |")
+        else:
+            print(f"| {r['name']} | failed | | | | |")
+    print("ours eager", base, "best", best)
+
+
+if __name__ == "__main__":
+    main()
