@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
+from array import array
 from typing import Optional, Sequence
 
 import numpy as np
@@ -43,12 +44,12 @@ class MMapIndexedWriter:
         self.dtype = np.dtype(dtype)
         self._tag = f".tmp-{os.getpid()}"
         self._bin = open(bin_path(prefix) + self._tag, "wb")
-        self._sizes = []  # int32 arrays, one per appended batch
+        self._sizes = array("i")  # 4 bytes a document, however they are appended
 
     def add_batch(self, tokens: np.ndarray, sizes: np.ndarray) -> None:
         """`tokens`: the concatenated documents of a batch; `sizes`: their lengths (none zero)."""
         self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
-        self._sizes.append(np.asarray(sizes, dtype=np.int32))
+        self._sizes.frombytes(np.asarray(sizes, dtype=np.int32).tobytes())
 
     def add_document(self, ids: Sequence[int]) -> None:
         arr = np.asarray(ids, dtype=self.dtype)
@@ -56,7 +57,7 @@ class MMapIndexedWriter:
 
     @property
     def sizes(self) -> np.ndarray:
-        return np.concatenate(self._sizes) if self._sizes else np.zeros(0, np.int32)
+        return np.frombuffer(self._sizes, dtype=np.int32).copy() if self._sizes else np.zeros(0, np.int32)
 
     def finish(self) -> np.ndarray:
         self._bin.close()
