@@ -20,7 +20,6 @@ import logging
 from typing import List, Optional
 
 import torch
-from omegaconf import OmegaConf
 
 from modeling import ModelConfig, build_model, load_pretrained
 
@@ -37,6 +36,8 @@ def model_config(cfg_model) -> ModelConfig:
     """cfg.model (DictConfig or ModelConfig) -> ModelConfig."""
     if isinstance(cfg_model, ModelConfig):
         return dataclasses.replace(cfg_model)
+    from omegaconf import OmegaConf  # only the stage entry needs it (the GPU benchmark box has none)
+
     obj = OmegaConf.to_object(cfg_model)
     return obj if isinstance(obj, ModelConfig) else ModelConfig(**obj)
 
@@ -134,6 +135,43 @@ class MasterWeights:
                 m.data = m.data.to(device, non_blocking=True)
                 if m.grad is not None:
                     m.grad = m.grad.to(device, non_blocking=True)
+
+
+class FrozenOffload:
+    """CPU offload of the frozen models (reference, reward): a pinned host copy is made once (they
+    never change), so offloading is only dropping the GPU tensors, and bringing them back is one
+    host-to-device copy on a side stream that overlaps the next rollout's generation."""
+
+    def __init__(self, models, device):
+        self.device = torch.device(device)
+        self.tensors = [t for m in models for t in list(m.parameters()) + list(m.buffers())]
+        self.host = [t.detach().to("cpu").pin_memory() for t in self.tensors]
+        self.stream = torch.cuda.Stream(self.device)
+        self.on_device = True
+
+    def offload(self) -> None:
+        if self.on_device:
+            torch.cuda.current_stream(self.device).synchronize()  # nothing may still read them
+            for t, h in zip(self.tensors, self.host):
+                t.data = h
+            self.on_device = False
+
+    def prefetch(self) -> None:
+        """Start the upload (returns at once); `wait()` before the frozen models run."""
+        if self.on_device:
+            return
+        main = torch.cuda.current_stream(self.device)
+        bufs = [torch.empty(h.shape, dtype=h.dtype, device=self.device) for h in self.host]  # main stream's pool
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            for b, h in zip(bufs, self.host):
+                b.copy_(h, non_blocking=True)
+        for t, b in zip(self.tensors, bufs):
+            t.data = b
+        self.on_device = True
+
+    def wait(self) -> None:
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
 
 def move_optimizer_state(opt: Optional[torch.optim.Optimizer], device) -> None:

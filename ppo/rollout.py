@@ -110,25 +110,32 @@ def generate_responses(actor, prompts: List[List[int]], *, micro_batch_size: int
 
 # --- forward passes --------------------------------------------------------------------------
 
-def token_logprobs(model, tokens: torch.Tensor, mask: torch.Tensor, with_entropy: bool = False):
+def token_logprobs(model, tokens: torch.Tensor, mask: torch.Tensor, with_entropy: bool = False,
+                   chunk_tokens: int = 1024):
     """log pi(token t+1 | ..t) on the masked columns ([B, S-1], 0 elsewhere), and the entropy of
     the policy there when asked. The LM head runs on the masked positions only: the vocab
-    projection is the largest activation (GPT-2B: 256k logits per token), prompts need none."""
+    projection is the largest activation (GPT-2B: 256k logits per token), prompts need none.
+    Without autograd it runs `chunk_tokens` positions at a time, bounding the fp32 logits."""
     h = model.hidden_states(tokens)[:, :-1]
     sel = mask.bool()
-    logits = model.logits(h[sel]).float()
-    targets = tokens[:, 1:][sel]
-    lse = torch.logsumexp(logits, -1)
-    lp_flat = logits.gather(1, targets[:, None]).squeeze(1) - lse
-    lp = torch.zeros(mask.shape, dtype=lp_flat.dtype, device=mask.device).masked_scatter(sel, lp_flat)
+    hs, targets = h[sel], tokens[:, 1:][sel]
+    step = hs.shape[0] if torch.is_grad_enabled() else max(1, chunk_tokens)
+    lps, ents = [], []
+    for i in range(0, max(hs.shape[0], 1), step):
+        logits = model.logits(hs[i:i + step]).float()
+        lse = torch.logsumexp(logits, -1)
+        lps.append(logits.gather(1, targets[i:i + step, None]).squeeze(1) - lse)
+        if with_entropy:
+            probs = (logits - lse[:, None]).exp()
+            # masked (padded-vocab) logits are -inf with probability 0: their p * logit term must be 0,
+            # not nan, in the forward and in the backward (hence a finite stand-in, not torch.where)
+            finite = logits.masked_fill(torch.isinf(logits), 0.0)
+            ents.append(lse - (probs * finite).sum(-1))
+        del logits
+    lp = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(sel, torch.cat(lps))
     if not with_entropy:
         return lp, None
-    probs = (logits - lse[:, None]).exp()
-    # masked (padded-vocab) logits are -inf with probability 0: their p * logit term must be 0, not
-    # nan, in the forward and in the backward (hence a finite stand-in rather than torch.where)
-    finite = logits.masked_fill(torch.isinf(logits), 0.0)
-    ent_flat = lse - (probs * finite).sum(-1)
-    ent = torch.zeros(mask.shape, dtype=ent_flat.dtype, device=mask.device).masked_scatter(sel, ent_flat)
+    ent = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(sel, torch.cat(ents))
     return lp, ent
 
 

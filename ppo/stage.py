@@ -164,6 +164,9 @@ def _run(cfg, pcfg, stage_dir, rcfg, loop, device, tmp):
                 log.warning("preempted: checkpointed at step %d, exiting with 75 (run again to resume)", step)
                 raise SystemExit(PreemptionHandler.EXIT_CODE)
     logger.flush()
+    # every rank must hold the same policy (same init, averaged gradients): say so in each rank's log
+    checksum = sum(float(p.detach().double().sum()) for p in actor.parameters())
+    log.info("rank %d actor checksum %.12e", D.rank(), checksum)
     artifacts = {"metrics": logger.path}
     if D.is_main():
         nemo_path = os.path.join(stage_dir, f"{pcfg.exp_manager.name}.nemo")

@@ -19,6 +19,9 @@ import torch
 from rm_training import distributed as D
 
 from . import algorithms as A
+from modeling import clear_generation_state
+
+from .models import FrozenOffload
 from .optimization import TrainedModel
 from .rollout import EndCondition, RolloutBatch, generate_responses, score, token_logprobs, token_values
 
@@ -53,7 +56,8 @@ class PPOTrainer:
         seed = pcfg.model.seed
         self.sample_gen = torch.Generator(device=device).manual_seed(seed * 1000 + self.rank)
         self.step = 0
-        self.offload = offload_idle_models and device.type == "cuda"
+        self.offloader = FrozenOffload([reference, reward], device) if offload_idle_models and device.type == "cuda" \
+            else None
         self.reducer = (lambda t: torch.distributed.all_reduce(t)) if self.world > 1 else None
 
     # --- helpers -------------------------------------------------------------------------------
@@ -61,21 +65,25 @@ class PPOTrainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _place_frozen(self, device):
-        if self.offload:
-            for m in (self.reference, self.reward):
-                m.to(device)
+    def _offload_idle(self):
+        """Training is next: drop the frozen models and the generation KV cache from the GPU."""
+        if self.offloader is not None:
+            self.offloader.offload()
+            clear_generation_state(self.actor_model)
 
     def _rollout(self, prompts: List[List[int]], timers: Dict[str, float], greedy: Optional[bool] = None,
                  generator: Optional[torch.Generator] = None) -> RolloutBatch:
         t0 = time.perf_counter()
+        if self.offloader is not None:
+            self.offloader.prefetch()  # uploads while the policy generates
         batch = generate_responses(self.actor_model, prompts, micro_batch_size=self.rcfg.rollout_micro_batch_size,
                                    sampling=self.rcfg.sampling_params, length=self.rcfg.length_params,
                                    end=self.end, eos_id=self.tokenizer.eos_id, pad_id=self.pad_id,
                                    generator=generator or self.sample_gen, greedy=greedy)
         self._sync()
         timers["generation"] = timers.get("generation", 0.0) + time.perf_counter() - t0
-        self._place_frozen(self.device)
+        if self.offloader is not None:
+            self.offloader.wait()
         score(batch, actor=self.actor_model, reference=self.reference, critic=self.critic_model, reward=self.reward,
               micro_batch_size=self.rcfg.forward_micro_batch_size,
               standardize=self.cfg.critic.reward_standardization, timers=timers, sync=self._sync)
@@ -128,7 +136,7 @@ class PPOTrainer:
         metrics = self._stats(batch)
         metrics.update(self._advantages(batch))
         t0 = time.perf_counter()
-        self._place_frozen("cpu")
+        self._offload_idle()
         seed = self.cfg.model.seed * 100003 + self.step
         metrics.update({f"critic_{k}": v for k, v in self.critic.update(batch, self._critic_loss, self.rcfg.ppo_epochs,
                                                                         seed).items()})
@@ -179,7 +187,7 @@ class PPOTrainer:
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.model.seed * 1000 + 999 + self.rank)
         timers: Dict[str, float] = {}
         batch = self._rollout(prompts, timers, generator=gen)
-        self._place_frozen("cpu")
+        self._offload_idle()
         stats = self._stats(batch, prefix="val_")
         stats["val_global_rewards"] = stats["val_reward_mean"]
         if samples_dir and D.is_main():

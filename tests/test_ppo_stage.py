@@ -109,3 +109,18 @@ def test_preemption_checkpoints_exits_75_and_resumes_exactly(prepped, monkeypatc
     clean = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]  # noqa: E731
     assert clean(rows(straight["metrics"], "train")) == clean(rows(resumed["metrics"], "train"))
     assert clean(rows(straight["metrics"], "val")) == clean(rows(resumed["metrics"], "val"))
+
+
+def test_two_process_data_parallel_ranks_stay_identical(prepped):
+    """cluster.processes_per_node=2 on the CPU: gloo, each rank generates half the rollouts."""
+    run, _, rm = prepped
+    r = cli("stage=ppo", f"run.dir={run}", f"ppo.reward_model.restore_from_path={rm}", "cluster.processes_per_node=2",
+            "ppo.trainer.ppo.max_steps=2", "ppo.trainer.ppo.val_check_interval=0",
+            "ppo.model.ppo.length_params.max_length=8", "ppo.exp_manager.explicit_log_dir=" + str(run / "ppo_ddp"), *QUICK)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    sums = []
+    for name in ("log.txt", "log_rank1.txt"):
+        line = [x for x in (run / "ppo" / name).read_text().splitlines() if "actor checksum" in x][-1]
+        sums.append(line.split("checksum")[-1].strip())
+    assert sums[0] == sums[1]
+    assert len(rows(run / "ppo_ddp" / "metrics.jsonl", "train")) == 2
