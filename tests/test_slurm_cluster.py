@@ -140,7 +140,7 @@ def test_sweep_is_one_job_array_with_a_run_folder_per_point(tmp_path):
 def test_fake_gpus_one_task_per_gpu_with_torch_distributed(prepped):
     run, _ = prepped
     r = cli("stage=rm", f"run.dir={run}", *SLURM, "cluster.gpus_per_node=2", "cluster.wait=true",
-            *hook("probe", "rm"), timeout=150)
+            *hook("probe", "rm"), timeout=200)
     assert r.returncode == 0, r.stdout + r.stderr
     entry = manifest(run)["stages"]["rm"]
     (jid,) = entry["job_ids"]
