@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 from launcher.manifest import Manifest, atomic_write_text, now
 from launcher.plan import StageJob, stage_config_for_run
-from launcher.stages import REGISTRY
+from launcher.stages import EX_TEMPFAIL, REGISTRY
 
 log = logging.getLogger("launcher")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -132,6 +132,12 @@ class LocalExecutor:
         if code == 0 and entry.get("status") == "succeeded":
             log.info("stage %s: succeeded; artifacts: %s", job.stage, ", ".join(entry.get("artifacts", {})))
             return 0
+        if code == EX_TEMPFAIL and entry.get("status") == "pending":
+            # the stage checkpointed on a signal (SIGTERM/SIGUSR1): stopped, and resumable from here
+            note = entry.get("requeue_note") or "checkpointed on a signal"
+            manifest.update_stage(job.stage, status="cancelled", finished=now(), error=note)
+            log.warning("stage %s: stopped after saving a checkpoint; the same command resumes it", job.stage)
+            return code
         if entry.get("status") in ("pending", "running", "succeeded"):
             # the process died without recording why (killed, out of memory...)
             reason = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"

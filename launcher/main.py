@@ -46,7 +46,9 @@ def launch(cfg: DictConfig) -> int:
         raise ConfigError(str(e)) from None
     validate(cfg, stages, dry_run=cfg.dry_run)
     run_dir = _run_dir(cfg)
-    jobs = make_plan(cfg, stages, run_dir, force=cfg.force, dry_run=cfg.dry_run)
+    base_dir = Path(cfg.run.dir).resolve()  # a sweep point may use what its base run recorded (prep, once)
+    jobs = make_plan(cfg, stages, run_dir, force=cfg.force, dry_run=cfg.dry_run,
+                     base_dir=base_dir if base_dir != run_dir else None)
     executor = make_executor(cfg.cluster)
     if executor.name == "slurm" and _in_sweep_job():
         from launcher.executors import LocalExecutor  # a sweep point already is a Slurm job: no nested submission

@@ -56,16 +56,19 @@ def load_stage_config(path: Path) -> DictConfig:
 
 
 def resolve_inputs(cfg: DictConfig, stage: str, manifest: Manifest, this_run: List[str],
-                   dry_run: bool = False) -> tuple[Dict[str, str], List[str], List[str]]:
+                   dry_run: bool = False, base: Optional[Manifest] = None) -> tuple[Dict[str, str], List[str], List[str]]:
     """Fill the stage's null input keys from producers' recorded artifacts.
 
     Returns (deferred key -> note, producers in this run it waits for, problems). A producer in
     `this_run` has not run yet: its inputs are deferred to run time (the runner calls this again).
+    `base`: a second manifest to look in (a sweep point's base run, where prep ran once for all points).
     """
     deferred: Dict[str, str] = {}
     after: List[str] = []
     problems: List[str] = []
     recorded = manifest.read()["stages"]
+    if base is not None and base.path != manifest.path:
+        recorded = {**base.read()["stages"], **{k: v for k, v in recorded.items() if v.get("status") in DONE}}
     for inp in REGISTRY[stage].inputs:
         current = OmegaConf.select(cfg, inp.key)
         if _unset(current):
@@ -108,8 +111,11 @@ def _explicit_inputs_exist(cfg: DictConfig, stage: str) -> List[str]:
     return problems
 
 
-def make_plan(cfg: DictConfig, stages: List[str], run_dir: Path, force: bool, dry_run: bool) -> List[StageJob]:
+def make_plan(cfg: DictConfig, stages: List[str], run_dir: Path, force: bool, dry_run: bool,
+              base_dir: Optional[Path] = None) -> List[StageJob]:
+    """`base_dir`: for a sweep point, the base run whose recorded artifacts the point may use."""
     manifest = Manifest(run_dir)
+    base = Manifest(base_dir) if base_dir is not None else None
     recorded = manifest.read()["stages"]
     jobs: List[StageJob] = []
     fingerprints: Dict[str, str] = {}
@@ -124,12 +130,13 @@ def make_plan(cfg: DictConfig, stages: List[str], run_dir: Path, force: bool, dr
                 scfg[section].exp_manager.explicit_log_dir = str(run_dir / stage)
         # earlier stages of this run that are up to date hand over their recorded artifacts now
         pending = [s for s in stages[:i] if not any(j.stage == s and j.up_to_date for j in jobs)]
-        deferred, after, errs = resolve_inputs(scfg, stage, manifest, pending, dry_run)
+        deferred, after, errs = resolve_inputs(scfg, stage, manifest, pending, dry_run, base)
         problems += errs
         for msg in _explicit_inputs_exist(scfg, stage):
             (warn(msg) if dry_run else problems.append(msg))
         spec = REGISTRY[stage]
-        upstream = {p: fingerprints.get(p) or recorded.get(p, {}).get("fingerprint")
+        known = {**(base.read()["stages"] if base else {}), **recorded}
+        upstream = {p: fingerprints.get(p) or known.get(p, {}).get("fingerprint")
                     for p in {inp.producer for inp in spec.inputs}}
         fp = _digest({
             "sections": {s: OmegaConf.to_container(scfg[s], resolve=True) for s in spec.sections},

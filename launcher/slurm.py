@@ -23,6 +23,7 @@ from launcher.errors import ConfigError, suggest
 from launcher.executors import log_tail, processes_per_node, runner_argv
 from launcher.manifest import Manifest, atomic_write_text, now
 from launcher.plan import StageJob, stage_config_for_run
+from launcher.stages import REGISTRY
 
 log = logging.getLogger("launcher")
 try:
@@ -77,7 +78,6 @@ wait wait-all-nodes wckey wrap
 """.split())
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
             "DEADLINE", "PREEMPTED", "SPECIAL_EXIT")
-EX_TEMPFAIL = 75  # the runner's "checkpointed; run me again"
 
 
 def slurm_minutes(value: str) -> int:
@@ -97,9 +97,7 @@ def slurm_minutes(value: str) -> int:
 
 def is_gpu_stage(stage: str) -> bool:
     """prep is CPU-only (one task); training stages get the nodes and one task per GPU."""
-    from launcher.stages import REGISTRY
-
-    return bool(getattr(REGISTRY[stage], "distributed", stage != "prep"))
+    return REGISTRY[stage].distributed
 
 
 def inside_submitit_job() -> bool:

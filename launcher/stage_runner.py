@@ -21,12 +21,11 @@ from omegaconf import OmegaConf
 
 from launcher.manifest import Manifest, artifact_paths, atomic_write_text, now
 from launcher.plan import load_stage_config, resolve_inputs
-from launcher.stages import REGISTRY
+from launcher.stages import EX_TEMPFAIL, REGISTRY
 
 log = logging.getLogger("stage")
 
 
-EX_TEMPFAIL = 75  # a stage that checkpointed on a signal exits with this: "run me again"
 
 
 class StageTerminated(BaseException):

@@ -9,6 +9,11 @@ from typing import Callable, List, Tuple
 from launcher.config import STAGES
 
 
+# A stage that saved a checkpoint on SIGTERM/SIGUSR1 exits with this (EX_TEMPFAIL): "run me again".
+# Stage packages raise SystemExit(75); the runner requeues (Slurm) or records the stop (local).
+EX_TEMPFAIL = 75
+
+
 @dataclass(frozen=True)
 class Input:
     key: str  # config key the artifact fills (when the user left it null)

@@ -119,3 +119,50 @@ def test_ctrl_c_stops_the_stage_cleanly_and_is_recorded(tmp_path):
     assert "rm" not in stages
     prep_dir = run_dir / "prep"
     assert not (prep_dir / "hh_comparison_train_text_document.idx").exists(), "nothing that looks complete"
+
+
+def test_a_sweep_point_uses_the_base_runs_prep(tmp_path):
+    """`stage=prep` once, then `-m stage=rm ...`: each point finds prep's data in the base run."""
+    assert cli("stage=prep", f"run.dir={tmp_path}").returncode == 0
+    prep = manifest(tmp_path)["stages"]["prep"]["artifacts"]
+    r = cli("-m", "stage=rm", "dry_run=true", f"run.dir={tmp_path}", "rm.model.optim.lr=1e-3,5e-4",
+            f"hydra.sweep.dir={tmp_path}/sweep")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for point in ("0", "1"):
+        cfg = OmegaConf.load(tmp_path / "sweep" / point / "dry_run" / "rm" / "config.yaml")
+        assert list(cfg.rm.model.data.data_prefix.train) == [prep["data_prefix"]["train"]]
+    assert {OmegaConf.load(tmp_path / "sweep" / p / "dry_run" / "rm" / "config.yaml").rm.model.optim.lr
+            for p in ("0", "1")} == {1e-3, 5e-4}
+
+
+def test_a_local_stage_that_checkpointed_on_a_signal_is_recorded_as_stopped(tmp_path):
+    """Exit 75 (checkpointed on SIGTERM/SIGUSR1) is a resumable stop, not a failure."""
+    import subprocess
+    import sys
+    import time
+    import signal as sig
+
+    from tests.kit import ROOT
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launcher" / "main.py"), "stage=prep,rm", f"run.dir={run_dir}",
+                             "rm.trainer.rm.max_epochs=3"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        path = run_dir / "manifest.json"
+        log = run_dir / "rm" / "log.txt"
+        if path.exists() and json.loads(path.read_text())["stages"].get("rm", {}).get("status") == "running" \
+                and log.exists() and "step" in log.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        raise AssertionError("rm never started training")
+    rm_pid = int(json.loads((run_dir / "manifest.json").read_text())["stages"]["rm"]["job_ids"][0])
+    os.kill(rm_pid, sig.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 75, out.decode()[-3000:]
+    entry = manifest(run_dir)["stages"]["rm"]
+    assert entry["status"] == "cancelled" and "resume" in entry["error"], entry
+    assert list((run_dir / "rm" / "checkpoints").glob("*")), "a checkpoint was written"
