@@ -87,6 +87,13 @@ def run(cfg) -> Dict[str, str]:
     tmp = tempfile.mkdtemp(prefix="ppo_")
     try:
         return _run(cfg, pcfg, stage_dir, rcfg, loop, device, tmp)
+    except torch.OutOfMemoryError as e:
+        raise torch.OutOfMemoryError(
+            f"{e}\nppo: the four models did not fit this GPU. GPT-2B on one 80 GB GPU needs "
+            "ppo.model.ppo.offload_idle_models=true and micro-batches of at most 4 (actor) / 8 (critic, scoring); "
+            "next: model.activations_checkpointing=true, smaller ppo.model.micro_batch_size, "
+            "ppo.critic.micro_batch_size, ppo.model.ppo.forward_micro_batch_size or rollout_micro_batch_size "
+            "(see benchmarks/ppo_README.md)") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -94,6 +101,8 @@ def run(cfg) -> Dict[str, str]:
 def _run(cfg, pcfg, stage_dir, rcfg, loop, device, tmp):
     tok = _tokenizer(cfg, tmp)
     mcfg = model_config(cfg.model)
+    if pcfg.pretrained_checkpoint.restore_from_path:  # NeMo-Aligner's own key for the initial policy
+        mcfg.restore_from_path = str(pcfg.pretrained_checkpoint.restore_from_path)
     dtype = compute_dtype(mcfg.precision, device)
     rm_path = pcfg.reward_model.restore_from_path
     if not rm_path:

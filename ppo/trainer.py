@@ -72,11 +72,11 @@ class PPOTrainer:
             clear_generation_state(self.actor_model)
 
     def _rollout(self, prompts: List[List[int]], timers: Dict[str, float], greedy: Optional[bool] = None,
-                 generator: Optional[torch.Generator] = None) -> RolloutBatch:
+                 generator: Optional[torch.Generator] = None, micro_batch_size: Optional[int] = None) -> RolloutBatch:
         t0 = time.perf_counter()
         if self.offloader is not None:
             self.offloader.prefetch()  # uploads while the policy generates
-        batch = generate_responses(self.actor_model, prompts, micro_batch_size=self.rcfg.rollout_micro_batch_size,
+        batch = generate_responses(self.actor_model, prompts, micro_batch_size=micro_batch_size or self.rcfg.rollout_micro_batch_size,
                                    sampling=self.rcfg.sampling_params, length=self.rcfg.length_params,
                                    end=self.end, eos_id=self.tokenizer.eos_id, pad_id=self.pad_id,
                                    generator=generator or self.sample_gen, greedy=greedy)
@@ -186,7 +186,7 @@ class PPOTrainer:
         prompts = [self.val_data.prompts[i % len(self.val_data)] for i in range(self.rank * share, (self.rank + 1) * share)]
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.model.seed * 1000 + 999 + self.rank)
         timers: Dict[str, float] = {}
-        batch = self._rollout(prompts, timers, generator=gen)
+        batch = self._rollout(prompts, timers, generator=gen, micro_batch_size=self.rcfg.val_rollout_micro_batch_size)
         self._offload_idle()
         stats = self._stats(batch, prefix="val_")
         stats["val_global_rewards"] = stats["val_reward_mean"]
