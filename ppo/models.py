@@ -47,7 +47,8 @@ def load_actor(mcfg: ModelConfig, vocab_size: int, device, dtype, seed: int):
     tokenizer's vocab (the tiny quickstart)."""
     if mcfg.restore_from_path:
         model = load_pretrained(mcfg.restore_from_path, dtype=dtype, device=device,
-                                activations_checkpointing=mcfg.activations_checkpointing)
+                                activations_checkpointing=mcfg.activations_checkpointing,
+                                torch_compile=mcfg.torch_compile)
     else:
         torch.manual_seed(seed)
         model = build_model(mcfg, vocab_size=vocab_size, device=device, dtype=dtype)
@@ -78,18 +79,19 @@ def frozen_copy(model):
         ref = copy.deepcopy(model)  # never share the actor's cached KV / CUDA graphs
     finally:
         model.__dict__.update(saved)
+    ref._compiled_layers = None  # compiled blocks hold the actor's modules; compile its own
     ref.eval().requires_grad_(False)
     return ref
 
 
-def load_reward(path: str, device, dtype):
-    rm = load_pretrained(path, head="reward", dtype=dtype, device=device)
+def load_reward(path: str, device, dtype, torch_compile: bool = False):
+    rm = load_pretrained(path, head="reward", dtype=dtype, device=device, torch_compile=torch_compile)
     return rm.eval().requires_grad_(False)
 
 
-def load_critic(path: str, device, dtype, activations_checkpointing: bool = False):
+def load_critic(path: str, device, dtype, activations_checkpointing: bool = False, torch_compile: bool = False):
     return load_pretrained(path, head="value", dtype=dtype, device=device,
-                           activations_checkpointing=activations_checkpointing)
+                           activations_checkpointing=activations_checkpointing, torch_compile=torch_compile)
 
 
 class MasterWeights:

@@ -112,8 +112,11 @@ def _run(cfg, pcfg, stage_dir, rcfg, loop, device, tmp):
     reference = frozen_copy(actor)
     for m in (actor, reference):
         mask_padded_vocab(m, tok.vocab_size)
-    reward = load_reward(str(rm_path), device, dtype)
-    critic = load_critic(str(pcfg.critic.restore_from_path or rm_path), device, dtype, mcfg.activations_checkpointing)
+    # model.torch_compile / activations_checkpointing (engine switches) apply to all four models
+    # (generation keeps its eager blocks and CUDA graphs either way)
+    reward = load_reward(str(rm_path), device, dtype, torch_compile=mcfg.torch_compile)
+    critic = load_critic(str(pcfg.critic.restore_from_path or rm_path), device, dtype, mcfg.activations_checkpointing,
+                         torch_compile=mcfg.torch_compile)
     log.info("models on %s in %s: actor %.1fM params, critic %.1fM, reward %.1fM, reference frozen copy (%.1fs)",
              device, str(dtype).replace("torch.", ""), _m(actor), _m(critic), _m(reward), time.perf_counter() - t0)
 

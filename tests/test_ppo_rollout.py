@@ -110,3 +110,26 @@ def test_master_weights_keep_small_updates_that_bf16_would_lose():
     assert moved > 0
     for p, m in zip(mw.params, mw.master):
         assert torch.equal(p, m.to(torch.bfloat16))
+
+
+def test_score_fills_every_field_and_standardizes_rewards():
+    from modeling import RewardModel
+    from ppo.config import RewardStandardization
+    from ppo.rollout import score
+
+    actor = tiny(2)
+    ref = frozen_copy(actor)
+    torch.manual_seed(3)
+    critic, reward = ValueModel(presets.tiny_gpt(), 96), RewardModel(presets.tiny_gpt(), 96).eval()
+    batch = generate_responses(actor, [[5, 6, 7], [8], [9, 10]], micro_batch_size=2,
+                               sampling=SamplingParams(end_strings=[]), length=LengthParams(max_length=6, min_length=1),
+                               end=EndCondition(Tok(), []), eos_id=1, pad_id=0, generator=torch.Generator().manual_seed(0))
+    timers = {}
+    score(batch, actor=actor, reference=ref, critic=critic, reward=reward, micro_batch_size=2,
+          standardize=RewardStandardization(enable=True, mean=1.0, std=2.0), timers=timers)
+    torch.testing.assert_close(batch.logprobs, batch.ref_logprobs)  # the reference is the initial policy
+    assert ((batch.values != 0) <= batch.mask.bool()).all() and timers["scoring"] > 0
+    with torch.no_grad():
+        raw = reward(batch.tokens, lengths=batch.lengths)
+    torch.testing.assert_close(batch.scores, raw)
+    torch.testing.assert_close(batch.rewards, (raw - 1.0) / 2.0)
