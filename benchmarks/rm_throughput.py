@@ -8,11 +8,17 @@ GPU, on HH's real pair-length distribution (benchmarks/rm_hh_lengths.json, rando
           micro_batch_size 2
   trl     (b) benchmarks/rm_trl_baseline.py in a subprocess: TRL's RewardTrainer on a transformers Llama
           of the same size
+  packed  --packed BACKEND:TOKENS:WINDOW,...: sequence packing (rm.model.data.packing=true), compiled:
+          a step's pairs laid end to end in micro-batches of <= TOKENS tokens, block-diagonal causal
+          attention through BACKEND (varlen = flash varlen kernel, flex = FlexAttention)
+  check   --check: packed vs padded rewards of the same pairs, bf16 on the GPU, eager
 
 MFU counts real tokens only: sum over real sequences of len * modeling.flops_per_token(cfg, len,
 lm_head=False) per second, over the H100's 989 TFLOP/s dense bf16 peak.
 
     python benchmarks/rm_throughput.py --out results.json [--compile] [--trl]
+    python benchmarks/rm_throughput.py --out packed.json --skip-eager --skip-padded --compile --window 64 \
+        --check --packed varlen:16384:64,flex:16384:64
 """
 from __future__ import annotations
 
@@ -56,18 +62,59 @@ def real_flops(cfg, ds: PairDataset, indices) -> float:
     return total
 
 
+def check_packed(model, ds, backends, n_pairs=48, seed=0):
+    """Rewards of the same pairs, padded (one micro-batch) vs packed, bf16 autocast, eager, no grad."""
+    from modeling.layers import pack_documents
+    from rm_training.data import collate, collate_packed
+
+    idx = np.random.default_rng(seed).permutation(len(ds))[:n_pairs]
+    model.eval()
+    out = {}
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        pb = collate(ds, idx, 0, 8).to(torch.device("cuda"))
+        ref = model(pb.input_ids, lengths=pb.lengths).float()
+        with torch.autocast("cuda", enabled=False):  # fp32 weights: the fp32 reference
+            ref32 = model(pb.input_ids, lengths=pb.lengths).float()
+        for be in backends:
+            try:
+                kb = collate_packed(ds, idx, 0, 128).to(torch.device("cuda"))
+                docs = pack_documents(kb.doc_lengths, tuple(kb.input_ids.shape), be, "cuda", real=2 * kb.pairs)
+                got = model(kb.input_ids, documents=docs).float()
+                out[be] = {"rel_err_vs_padded_bf16": float((got - ref).norm() / ref.norm()),
+                           "rel_err_vs_padded_fp32": float((got - ref32).norm() / ref32.norm()),
+                           "padded_bf16_rel_err_vs_fp32": float((ref - ref32).norm() / ref32.norm()),
+                           "max_abs_diff_bf16": float((got - ref).abs().max()), "pairs": int(n_pairs),
+                           "reward_std": float(ref.std())}
+            except Exception as e:  # noqa: BLE001 - report and go on
+                out[be] = {"error": repr(e)[-1500:]}
+            print(json.dumps({"check": be, **out[be]}), flush=True)
+    model.train()
+    return out
+
+
 def measure(name, model, cfg, ds, settings, warmup, steps, optim_cfg, device="cuda"):
     tr = RMTrainer(model, optim_cfg, settings, ds, None, 0, "/tmp/rm_bench_" + name, torch.device(device))
     tr.ckpt = None
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
     for s in range(warmup):
         tr.train_step(s)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    pairs = real = padded = 0
+    pairs = real = padded = mbs_count = 0
     flops = 0.0
+    losses = []
+    count = tr._collate
+    def counting(ds_, idx):
+        nonlocal mbs_count
+        mbs_count += 1
+        return count(ds_, idx)
+    tr._collate = counting
     for s in range(warmup, warmup + steps):
         m = tr.train_step(s)
+        losses.append(m["loss"])
         pairs += m["pairs"]
         real += m["tokens"]
         padded += int(m["tokens"] / m["padding_efficiency"])
@@ -78,7 +125,7 @@ def measure(name, model, cfg, ds, settings, warmup, steps, optim_cfg, device="cu
            "padding_efficiency": real / padded, "mfu_real": flops / dt / PEAK, "seconds": dt, "steps": steps,
            "pairs": pairs, "global_batch_size": settings.global_batch_size, "micro_batch_size": settings.micro_batch_size,
            "max_micro_batch_tokens": settings.max_micro_batch_tokens, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-           "loss_last": m["loss"]}
+           "loss_last": m["loss"], "losses": losses, "micro_batches_per_step": mbs_count / steps}
     print(json.dumps(res), flush=True)
     del tr
     torch.cuda.empty_cache()
@@ -96,6 +143,9 @@ def main():
     ap.add_argument("--trl", action="store_true")
     ap.add_argument("--skip-padded", action="store_true")
     ap.add_argument("--window", type=int, default=16, help="length_grouping_window (global batches)")
+    ap.add_argument("--skip-eager", action="store_true")
+    ap.add_argument("--check", action="store_true", help="packed vs padded rewards on the GPU (bf16)")
+    ap.add_argument("--packed", default="", help="BACKEND:TOKENS:WINDOW,... packed runs (compiled)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     lengths = json.load(open(args.lengths))["pairs"]
@@ -117,7 +167,11 @@ def main():
     common = dict(seed=1234, max_steps=10_000, gradient_clip_val=1.0, autocast_dtype=torch.bfloat16)
     ours = LoopSettings(global_batch_size=args.gbs, micro_batch_size=args.gbs, length_grouping_window=args.window,
                         max_micro_batch_tokens=args.max_tokens, pad_to_multiple=8, **common)
-    results["runs"].append(measure("ours_eager", model, cfg, ds, ours, 3, args.steps, optim_cfg))
+    if args.check:
+        results["check"] = check_packed(model, ds, ["varlen", "flex"])
+        json.dump(results, open(args.out, "w"), indent=1)
+    if not args.skip_eager:
+        results["runs"].append(measure("ours_eager", model, cfg, ds, ours, 3, args.steps, optim_cfg))
     if not args.skip_padded:
         padded = LoopSettings(global_batch_size=16, micro_batch_size=2, length_grouping_window=0,
                               pad_to_multiple=4096, **common)
@@ -129,6 +183,25 @@ def main():
         results["runs"].append(measure("ours_compiled", model, cfg, ds, ours, 6, args.steps, optim_cfg))
         results["runs"][-1]["compile_and_warmup_s"] = time.perf_counter() - t - results["runs"][-1]["seconds"]
         json.dump(results, open(args.out, "w"), indent=1)
+    for spec in filter(None, args.packed.split(",")):
+        backend, tokens, window = spec.split(":")
+        model.config.torch_compile = True
+        model._compiled_layers = None
+        torch._dynamo.reset()  # each variant compiles on its own (and stays under the recompile limit)
+        name = f"ours_packed_{backend}_{tokens}_w{window}"
+        st = LoopSettings(global_batch_size=args.gbs, micro_batch_size=args.gbs, length_grouping_window=int(window),
+                          packing=True, packed_tokens=int(tokens), packed_attention=backend, **common)
+        t = time.perf_counter()
+        try:
+            results["runs"].append(measure(name, model, cfg, ds, st, 6, args.steps, optim_cfg))
+            results["runs"][-1]["compile_and_warmup_s"] = time.perf_counter() - t - results["runs"][-1]["seconds"]
+            results["runs"][-1]["packed_attention"] = backend
+        except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others
+            import traceback
+            traceback.print_exc()
+            results["runs"].append({"name": name, "error": repr(e)[-1500:]})
+            torch.cuda.empty_cache()
+        json.dump(results, open(args.out, "w"), indent=1)
     if args.trl:
         del model
         torch.cuda.empty_cache()
@@ -137,7 +210,7 @@ def main():
         print(out.stdout[-3000:], out.stderr[-3000:], flush=True)
         line = [l for l in out.stdout.splitlines() if l.startswith("{") and "trl" in l]
         results["runs"].append(json.loads(line[-1]) if line else {"name": "b_trl", "error": out.stderr[-1500:]})
-    base = results["runs"][0]["pairs_per_s"]
+    base = results["runs"][0].get("pairs_per_s", float("nan"))
     best = max(r.get("pairs_per_s", 0) for r in results["runs"] if r["name"].startswith("ours"))
     for r in results["runs"]:
         if r.get("pairs_per_s"):

@@ -43,8 +43,10 @@ class _HeadModel(GPTModel):
         nn.init.normal_(self.rm_head.weight, 0.0, cfg.init_method_std)
         nn.init.zeros_(self.rm_head.bias)
 
-    def _scores(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
-        h = self.hidden_states(input_ids, attention_mask, position_ids)
+    def _scores(self, input_ids, attention_mask=None, position_ids=None, documents=None) -> torch.Tensor:
+        h = self.hidden_states(input_ids, attention_mask, position_ids, documents=documents)
+        if documents is not None:  # packed: only each document's last token is read
+            h = h.reshape(-1, h.shape[-1])[documents.ends]
         # the head runs in fp32: rewards/values feed losses and advantages, where bf16's 8 bits hurt
         return nn.functional.linear(h.float(), self.rm_head.weight.float(), self.rm_head.bias.float()).squeeze(-1)
 
@@ -54,9 +56,14 @@ class _HeadModel(GPTModel):
 
 class RewardModel(_HeadModel):
     """forward(input_ids, attention_mask=None, lengths=None, position_ids=None) -> rewards [B] (fp32),
-    read at each row's last real token (see last_token_index)."""
+    read at each row's last real token (see last_token_index).
 
-    def forward(self, input_ids, attention_mask=None, lengths=None, position_ids=None):
+    Packed: forward(input_ids, documents=PackedDocuments) -> rewards [M] (fp32), one per real
+    document, read at its last token (documents.ends), in packing order."""
+
+    def forward(self, input_ids, attention_mask=None, lengths=None, position_ids=None, documents=None):
+        if documents is not None:
+            return self._scores(input_ids, None, position_ids, documents)
         scores = self._scores(input_ids, attention_mask, position_ids)
         idx = last_token_index(input_ids, attention_mask, lengths)
         return scores.gather(1, idx[:, None]).squeeze(1)

@@ -7,7 +7,9 @@ One code path serves both families; `ModelConfig` picks the variant:
 """
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,103 @@ from .config import ModelConfig
 
 # enable_gqa lets SDPA broadcast K/V heads itself (no repeat_interleave copy); torch >= 2.5.
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+class PackedDocuments(NamedTuple):
+    """Several documents packed end to end into the rows of a [B, S] batch (sequence packing).
+    Attention is causal inside each document and never crosses into another; position ids restart
+    at 0 for each document (`document_positions`). Build it with `pack_documents`.
+
+    cu_seqlens  int32 [N+1]: document starts in the flattened B*S token axis, ending at B*S (every
+                token belongs to a document: a row's padded tail is a document of its own, so no
+                position is left unwritten)
+    max_len     the longest document, rounded up to a power of two (the varlen kernel's grid)
+    doc_ids     int32 [B, S]: each token's document number (the mask and flex backends)
+    ends        int64 [M]: flattened index of the last token of each real document, in order
+    backend     varlen (flash varlen kernel, CUDA) | flex (FlexAttention) | mask (SDPA with an
+                explicit block-diagonal causal mask: exact everywhere, O(S^2) memory: CPU and tests)
+    block_mask  the backend's precomputed mask (flex BlockMask, or bool [B, 1, S, S] for mask)
+    """
+    cu_seqlens: torch.Tensor
+    max_len: int
+    doc_ids: torch.Tensor
+    ends: torch.Tensor
+    backend: str
+    block_mask: Any = None
+
+
+def _varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, {}
+    params = inspect.signature(varlen_attn).parameters
+    # torch 2.10/2.11 spell causality `is_causal`; 2.12+ spell it `window_size=(-1, 0)`
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    return varlen_attn, dict(causal=causal, gqa="enable_gqa" in params)
+
+
+_VARLEN_ATTN, _VARLEN_ARGS = _varlen()
+_FLEX_COMPILED = None
+
+
+def _flex_attention(device: torch.device):
+    """flex_attention, compiled once on CUDA (eager flex materialises the scores; inside an
+    already compiled layer the compiled wrapper is traced through). Eager on CPU (tests)."""
+    global _FLEX_COMPILED
+    from torch.nn.attention.flex_attention import flex_attention
+    if device.type != "cuda":
+        return flex_attention
+    if _FLEX_COMPILED is None:
+        _FLEX_COMPILED = torch.compile(flex_attention)
+    return _FLEX_COMPILED
+
+
+def pack_documents(lengths: torch.Tensor, shape, backend: str = "auto", device=None,
+                   real: Optional[int] = None) -> PackedDocuments:
+    """Documents of `lengths` (int [N], in order) laid end to end over a [B, S] batch (`shape`;
+    sum(lengths) == B*S: include each row's padded tail as a document). The first `real`
+    documents (default all) get an entry in `ends`. backend: auto = varlen on CUDA when this torch
+    has it, else flex on CUDA, mask on CPU."""
+    b, s = shape
+    device = torch.device(device) if device is not None else lengths.device
+    lengths = lengths.detach().to("cpu", torch.int64)  # host-side bookkeeping: no device syncs
+    if int(lengths.sum()) != b * s:
+        raise ValueError(f"document lengths sum to {int(lengths.sum())}, batch holds {b}x{s} tokens")
+    if backend == "auto":
+        backend = ("varlen" if _VARLEN_ATTN is not None else "flex") if device.type == "cuda" else "mask"
+    if backend not in ("varlen", "flex", "mask"):
+        raise ValueError(f"packed attention backend={backend!r}: expected auto | varlen | flex | mask")
+    if backend == "varlen" and _VARLEN_ATTN is None:
+        raise ValueError("this torch has no torch.nn.attention.varlen (needs torch >= 2.10)")
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    n = len(lengths) if real is None else int(real)
+    ends = cu[1: n + 1].long() - 1
+    doc = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), lengths).view(b, s)
+    longest = int(lengths.max())
+    nb = device.type == "cuda"
+    cu, ends, doc = (t.to(device, non_blocking=nb) for t in (cu, ends, doc))
+    max_len = 1 << max(7, (longest - 1).bit_length())  # few distinct values: few recompiles
+    block = None
+    if backend == "mask":
+        pos = torch.arange(s, device=device)
+        block = ((doc[:, :, None] == doc[:, None, :]) & (pos[:, None] >= pos[None, :])[None])[:, None]
+    elif backend == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_document_causal(bi, h, q, kv):
+            return (doc[bi, q] == doc[bi, kv]) & (q >= kv)
+        block = create_block_mask(same_document_causal, b, None, s, s, device=device, _compile=device.type == "cuda")
+    return PackedDocuments(cu, max_len, doc, ends, backend, block)
+
+
+def document_positions(docs: PackedDocuments) -> torch.Tensor:
+    """[B, S] position ids that restart at 0 at each document's first token."""
+    b, s = docs.doc_ids.shape
+    flat = torch.arange(b * s, device=docs.doc_ids.device)
+    starts = docs.cu_seqlens[:-1].long()[docs.doc_ids.reshape(-1).long()]
+    return (flat - starts).view(b, s)
 
 
 class Norm(nn.Module):
@@ -105,7 +204,12 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, rope, attn_mask=None, cache=None, layer_idx: int = 0):
         """attn_mask: None = causal (right padding needs none: real tokens never see later pads);
-        else a bool [B, 1, S, T] (True = attend). cache: a KV cache (see generation.KVCache)."""
+        a bool [B, 1, S, T] (True = attend); or PackedDocuments (sequence packing).
+        cache: a KV cache (see generation.KVCache)."""
+        if isinstance(attn_mask, PackedDocuments) and attn_mask.backend != "mask":
+            return self._packed(x, rope, attn_mask)
+        if isinstance(attn_mask, PackedDocuments):
+            attn_mask = attn_mask.block_mask
         b, s, _ = x.shape
         qkv = self.query_key_value(x).view(b, s, self.n_groups, self.hpg + 2, self.d)
         q = qkv[:, :, :, : self.hpg].reshape(b, s, self.n_heads, self.d).transpose(1, 2)
@@ -121,6 +225,30 @@ class SelfAttention(nn.Module):
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0,
             is_causal=attn_mask is None and s > 1, **({"enable_gqa": True} if gqa and _SDPA_GQA else {}))
         return self.dense(o.transpose(1, 2).reshape(b, s, self.n_heads * self.d))
+
+    def _packed(self, x, rope, docs: PackedDocuments):
+        """Block-diagonal causal attention over packed documents: varlen (flash, [tokens, heads, dim]
+        layout) or flex (a document-id BlockMask)."""
+        if self.training and self.dropout_p > 0:
+            raise NotImplementedError("attention dropout with sequence packing")
+        b, s, _ = x.shape
+        qkv = self.query_key_value(x).view(b, s, self.n_groups, self.hpg + 2, self.d)
+        q = qkv[:, :, :, : self.hpg].reshape(b, s, self.n_heads, self.d).transpose(1, 2)
+        k = qkv[:, :, :, self.hpg].transpose(1, 2)
+        v = qkv[:, :, :, self.hpg + 1].transpose(1, 2)
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        gqa = self.n_groups != self.n_heads
+        if docs.backend == "flex":
+            o = _flex_attention(q.device)(q, k, v, block_mask=docs.block_mask, enable_gqa=gqa)
+            return self.dense(o.transpose(1, 2).reshape(b, s, self.n_heads * self.d))
+        if gqa and not _VARLEN_ARGS["gqa"]:
+            k, v = k.repeat_interleave(self.hpg, dim=1), v.repeat_interleave(self.hpg, dim=1)
+        t = b * s
+        q, k, v = (y.transpose(1, 2).reshape(t, y.shape[1], self.d) for y in (q, k, v))
+        extra = {"enable_gqa": True} if gqa and _VARLEN_ARGS["gqa"] else {}
+        o = _VARLEN_ATTN(q, k, v, docs.cu_seqlens, docs.cu_seqlens, docs.max_len, docs.max_len,
+                         **_VARLEN_ARGS["causal"], **extra)
+        return self.dense(o.reshape(b, s, self.n_heads * self.d))
 
 
 class MLP(nn.Module):

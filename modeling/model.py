@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .layers import Norm, Rotary, TransformerLayer, init_weights
+from .layers import Norm, PackedDocuments, Rotary, TransformerLayer, document_positions, init_weights
 
 
 class Embedding(nn.Module):
@@ -61,6 +61,10 @@ class GPTModel(nn.Module):
     Right-padded batches need no mask (causal attention never lets a real token see a later pad);
     a left-padded or gappy `attention_mask` switches to an explicit mask and, unless given,
     position ids that count real tokens only. Logits come in the parameters' dtype.
+
+    `documents` (a `layers.PackedDocuments`, see `layers.pack_documents`): the rows hold several
+    documents end to end (sequence packing); each attends causally to itself only, and its
+    position ids restart at 0 (unless `position_ids` are given).
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, with_lm_head: bool = True):
@@ -72,12 +76,19 @@ class GPTModel(nn.Module):
         self._compiled_layers: Optional[list] = None
 
     # --- forward ---
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None,
+                      documents: Optional[PackedDocuments] = None):
         """Final-norm hidden states [B, S, H] (what the reward / value heads read)."""
         lm = self.language_model
         x = lm.embedding.word_embeddings(input_ids)
         attn_mask = None
-        if cache is not None:
+        if documents is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("packed documents take neither a KV cache nor an attention_mask")
+            attn_mask = documents
+            if position_ids is None:
+                position_ids = document_positions(documents)
+        elif cache is not None:
             position_ids = cache.positions(input_ids)
         elif attention_mask is not None:
             attn_mask = padding_attention_mask(attention_mask)

@@ -83,6 +83,13 @@ class RMDataConfig:
     # split a micro-batch whose padded size (2 x pairs x longest) exceeds this; null = never
     max_micro_batch_tokens: Optional[int] = None
     pad_to_multiple: int = 8  # round each micro-batch's padded length up (tensor-core friendly)
+    # sequence packing: a rank's pairs of a global batch laid end to end (block-diagonal causal
+    # attention, positions restart per document) in micro-batches of at most packed_tokens tokens,
+    # instead of micro_batch_size padded pairs. Same global batch, same loss; micro_batch_size and
+    # max_micro_batch_tokens are then unused.
+    packing: bool = False
+    packed_tokens: int = 16384
+    packed_attention: str = "auto"  # auto (varlen on CUDA, else mask) | varlen | flex | mask
 
 
 @dataclass

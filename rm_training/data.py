@@ -15,6 +15,12 @@ Batching (see `plan_epoch`): no padding to seq_length. An epoch is a seeded perm
 holds pairs of similar length and its micro-batches are padded only to their longest member; over
 an epoch every pair is used once, as with random sampling. window=0 keeps random global batches
 (sorted only inside each one).
+
+Sequence packing (`packed_micro_batches`, `collate_packed`): instead of padding, a rank's pairs
+are laid end to end, chosen then rejected, into micro-batches of at most `packed_tokens` tokens
+(one row each; a block-diagonal causal mask keeps every document to itself). The global batch
+and its loss are unchanged; only the cut into micro-batches differs, and padding shrinks to a
+row's tail, rounded up to `pad_to_multiple`.
 """
 from __future__ import annotations
 
@@ -145,6 +151,8 @@ class PairDataset:
             self.stats.truncated = int(over.sum())
         self.src, self.pid = src[keep], pid[keep]
         self.lengths = np.minimum(longest[keep], self.seq_length)
+        # tokens of both sides (what a packed micro-batch holds of this pair)
+        self.pair_tokens = np.minimum(lc[keep], self.seq_length) + np.minimum(lr[keep], self.seq_length)
         self.stats.pairs = int(len(self.src))
         self.stats.tokens = int(np.minimum(lc[keep], self.seq_length).sum() + np.minimum(lr[keep], self.seq_length).sum())
         self.stats.max_pair_tokens = int(self.lengths.max()) if len(self.lengths) else 0
@@ -241,3 +249,79 @@ def collate(ds: PairDataset, indices: Sequence[int], pad_id: int, pad_to_multipl
         t = t.pin_memory()
     return Batch(t, torch.tensor(lens, dtype=torch.long), pairs=len(indices), tokens=int(sum(lens)),
                  padded_tokens=int(ids.size), indices=[int(k) for k in indices])
+
+
+# --- sequence packing -------------------------------------------------------------------------
+
+def pack_pairs(indices: np.ndarray, pair_tokens: np.ndarray, packed_tokens: int) -> List[np.ndarray]:
+    """Cut pairs into the fewest micro-batches of at most `packed_tokens` tokens that a balanced
+    greedy packing finds (longest pair first into the least-filled bin; more bins until none
+    overflows). A pair longer than the budget gets a micro-batch of its own. Deterministic."""
+    idx = np.asarray(indices)
+    if len(idx) == 0:
+        return []
+    order = idx[np.argsort(-pair_tokens[idx], kind="stable")]
+    big = [np.array([k]) for k in order if pair_tokens[k] > packed_tokens]
+    rest = np.array([k for k in order if pair_tokens[k] <= packed_tokens], dtype=np.int64)
+    bins: List[List[int]] = []
+    if len(rest):
+        k = max(1, -(-int(pair_tokens[rest].sum()) // packed_tokens))
+        while True:
+            bins, fill = [[] for _ in range(k)], np.zeros(k, np.int64)
+            for p in rest:
+                j = int(np.argmin(fill))
+                bins[j].append(int(p))
+                fill[j] += pair_tokens[p]
+            if fill.max() <= packed_tokens or k >= len(rest):
+                break
+            k += 1
+    return big + [np.array(b, dtype=np.int64) for b in bins if b]
+
+
+def packed_micro_batches(batch: np.ndarray, pair_tokens: np.ndarray, dp: int, rank: int,
+                         packed_tokens: int) -> List[np.ndarray]:
+    """This rank's packed micro-batches of one global batch: the batch, sorted by pair tokens, is
+    dealt to ranks in snake order (every rank gets gbs / dp pairs and about 1/dp of the tokens),
+    then packed (`pack_pairs`)."""
+    b = batch[np.argsort(pair_tokens[batch], kind="stable")]
+    n = len(b)
+    pos = np.arange(n) % (2 * dp)
+    owner = np.where(pos < dp, pos, 2 * dp - 1 - pos)
+    return pack_pairs(b[owner == rank], pair_tokens, packed_tokens)
+
+
+@dataclass
+class PackedBatch:
+    """A packed micro-batch: one row [1, T] of documents chosen_0, rejected_0, chosen_1, ... laid end
+    to end, then pad. `doc_lengths` lists every document's length, the pad tail last (when T
+    exceeds the real tokens), so that `modeling.layers.pack_documents(doc_lengths, (1, T),
+    real=2 * pairs)` describes it."""
+    input_ids: torch.Tensor  # [1, T]
+    doc_lengths: torch.Tensor  # [2m] or [2m + 1]
+    pairs: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    indices: List[int] = field(default_factory=list)
+
+    def to(self, device) -> "PackedBatch":
+        nb = device.type == "cuda"
+        return PackedBatch(self.input_ids.to(device, non_blocking=nb), self.doc_lengths,  # stays on the host
+                           self.pairs, self.tokens, self.padded_tokens, self.indices)
+
+
+def collate_packed(ds: PairDataset, indices: Sequence[int], pad_id: int, pad_to_multiple: int = 128) -> PackedBatch:
+    seqs = []
+    for k in indices:
+        c, r = ds.pair(int(k))
+        seqs.extend([c, r])
+    lens = [len(s) for s in seqs]
+    real = int(sum(lens))
+    width = -(-real // max(1, pad_to_multiple)) * max(1, pad_to_multiple)
+    ids = np.full((1, width), pad_id, dtype=np.int64)
+    ids[0, :real] = np.concatenate(seqs)
+    doc_lengths = lens + ([width - real] if width > real else [])
+    t = torch.from_numpy(ids)
+    if torch.cuda.is_available():
+        t = t.pin_memory()
+    return PackedBatch(t, torch.tensor(doc_lengths, dtype=torch.long), pairs=len(indices), tokens=real,
+                       padded_tokens=width, indices=[int(k) for k in indices])

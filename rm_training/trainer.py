@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from . import distributed as D
 from .checkpointing import CheckpointManager, PreemptionHandler, load_state, set_rng_state
-from .data import PairDataset, collate, global_batches, micro_batches
+from .data import (PackedBatch, PairDataset, collate, collate_packed, global_batches, micro_batches, pack_pairs,
+                   packed_micro_batches)
 from .loss import PairStats, bradley_terry_loss, pair_sums, split_rewards
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler
@@ -50,6 +51,9 @@ class LoopSettings:
     length_grouping_window: int = 16
     max_micro_batch_tokens: Optional[int] = None
     pad_to_multiple: int = 8
+    packing: bool = False  # sequence packing: micro-batches of <= packed_tokens tokens, no per-pair padding
+    packed_tokens: int = 16384
+    packed_attention: str = "auto"  # auto | varlen | flex | mask (see modeling.layers.pack_documents)
     autocast_dtype: Optional[torch.dtype] = None  # torch.bfloat16 on GPU for bf16; None = fp32
     resume: bool = True
     monitor: str = "val_loss"
@@ -104,23 +108,42 @@ class RMTrainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.s.autocast_dtype)
 
+    def _collate(self, ds: PairDataset, idx):
+        if self.s.packing:
+            return collate_packed(ds, idx, self.pad_id, max(self.s.pad_to_multiple, 128)).to(self.device)
+        return collate(ds, idx, self.pad_id, self.s.pad_to_multiple).to(self.device)
+
+    def _rewards(self, model, batch) -> torch.Tensor:
+        """[c0, r0, c1, r1, ...] rewards of a padded or packed micro-batch."""
+        if isinstance(batch, PackedBatch):
+            from modeling.layers import pack_documents
+
+            docs = pack_documents(batch.doc_lengths, tuple(batch.input_ids.shape), self.s.packed_attention,
+                                  self.device, real=2 * batch.pairs)
+            return model(batch.input_ids, documents=docs)
+        return model(batch.input_ids, lengths=batch.lengths)
+
     # --- one optimizer step ------------------------------------------------------------------
     def train_step(self, step: int) -> Dict[str, float]:
         s = self.s
         t0 = time.perf_counter()
         self.model.train()
-        mbs_list = micro_batches(self.global_batch(step), self.train_ds.lengths, s.micro_batch_size, self.dp,
-                                 self.rank, s.max_micro_batch_tokens)
+        if s.packing:
+            mbs_list = packed_micro_batches(self.global_batch(step), self.train_ds.pair_tokens, self.dp, self.rank,
+                                            s.packed_tokens)
+        else:
+            mbs_list = micro_batches(self.global_batch(step), self.train_ds.lengths, s.micro_batch_size, self.dp,
+                                     self.rank, s.max_micro_batch_tokens)
         stats = PairStats(self.device)
         scale = self.dp / s.global_batch_size
         real = padded = 0
         for i, idx in enumerate(mbs_list):
-            batch = collate(self.train_ds, idx, self.pad_id, s.pad_to_multiple).to(self.device)
+            batch = self._collate(self.train_ds, idx)
             sync = i == len(mbs_list) - 1
             ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else contextlib.nullcontext()
             with ctx:
                 with self._autocast():
-                    rewards = self.model(batch.input_ids, lengths=batch.lengths)
+                    rewards = self._rewards(self.model, batch)
                 c, r = split_rewards(rewards.float())
                 losses = bradley_terry_loss(c, r)
                 (losses.sum() * scale).backward()
@@ -162,13 +185,17 @@ class RMTrainer:
         idx = self.eval_subset(ds, limit)
         idx = idx[np.argsort(ds.lengths[idx], kind="stable")]
         mbs = self.s.micro_batch_size
+        if self.s.packing:  # pack a rank's share of a whole global batch at a time
+            mbs = max(mbs, self.s.global_batch_size // self.dp)
         blocks = [idx[i: i + mbs] for i in range(0, len(idx), mbs)][self.rank:: self.dp]
         stats = PairStats(self.device)
         for block in blocks:
-            for part in micro_batches(block, ds.lengths, len(block), 1, 0, self.s.max_micro_batch_tokens):
-                batch = collate(ds, part, self.pad_id, self.s.pad_to_multiple).to(self.device)
+            parts = (pack_pairs(block, ds.pair_tokens, self.s.packed_tokens) if self.s.packing else
+                     micro_batches(block, ds.lengths, len(block), 1, 0, self.s.max_micro_batch_tokens))
+            for part in parts:
+                batch = self._collate(ds, part)
                 with self._autocast():
-                    rewards = self.module(batch.input_ids, lengths=batch.lengths)
+                    rewards = self._rewards(self.module, batch)
                 c, r = split_rewards(rewards.float())
                 stats.add(pair_sums(c, r, bradley_terry_loss(c, r)))
         vec = stats.vector()
