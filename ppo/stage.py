@@ -32,8 +32,8 @@ from .models import compute_dtype, frozen_copy, mask_padded_vocab, load_actor, l
 from .trainer import PPOTrainer
 
 log = logging.getLogger("ppo")
-PLOT_KEYS = ("reward_mean", "kl", "entropy", "value_loss", "clip_fraction", "explained_variance",
-             "response_length", "time_step")
+PLOT_KEYS = ("val_reward_mean", "reward_mean", "kl", "entropy", "clip_fraction", "value_loss")
+TIME_KEYS = ("time_generation", "time_scoring", "time_training", "response_length")
 # keys that may change between a run and its resumption (more steps, other logging)
 _RESUMABLE_CHANGES = ("max_steps", "max_epochs", "val_check_interval", "save_interval", "exp_manager")
 
@@ -120,6 +120,9 @@ def _run(cfg, pcfg, stage_dir, rcfg, loop, device, tmp):
     log.info("models on %s in %s: actor %.1fM params, critic %.1fM, reward %.1fM, reference frozen copy (%.1fs)",
              device, str(dtype).replace("torch.", ""), _m(actor), _m(critic), _m(reward), time.perf_counter() - t0)
 
+    if rcfg.sampling_params.repetition_penalty != 1.0:
+        raise ValueError("ppo.model.ppo.sampling_params.repetition_penalty: only 1.0 is supported by the generator "
+                         "(NeMo-Aligner's PPO default)")
     splits = _splits(pcfg.model.data.data_prefix)
     max_prompt = pcfg.model.data.seq_length - rcfg.length_params.max_length
     if max_prompt < 1:
@@ -187,6 +190,8 @@ def _run(cfg, pcfg, stage_dir, rcfg, loop, device, tmp):
         log.info("trained actor: %s", nemo_path)
         artifacts["nemo"] = nemo_path
         artifacts["plot"] = logger.plot(PLOT_KEYS, title="PPO")
+        artifacts["timing_plot"] = logger.plot(TIME_KEYS, splits=("train",), title="PPO step time (s)",
+                                               path=os.path.join(stage_dir, "timing.png"))
         if os.path.isdir(samples_dir):
             artifacts["samples"] = samples_dir
         artifacts["checkpoints"] = ckpt_dir
