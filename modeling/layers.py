@@ -76,14 +76,15 @@ def pack_documents(lengths: torch.Tensor, shape, backend: str = "auto", device=N
     """Documents of `lengths` (int [N], in order) laid end to end over a [B, S] batch (`shape`;
     sum(lengths) == B*S: include each row's padded tail as a document). The first `real`
     documents (default all) get an entry in `ends`. backend: auto = varlen on CUDA when this torch
-    has it, else flex on CUDA, mask on CPU."""
+    has it, else mask. flex runs its blocks eagerly (GPTModel skips the compiled blocks for it):
+    inside a torch.compile'd block its document mask came out wrong (CPU, torch 2.13)."""
     b, s = shape
     device = torch.device(device) if device is not None else lengths.device
     lengths = lengths.detach().to("cpu", torch.int64)  # host-side bookkeeping: no device syncs
     if int(lengths.sum()) != b * s:
         raise ValueError(f"document lengths sum to {int(lengths.sum())}, batch holds {b}x{s} tokens")
     if backend == "auto":
-        backend = ("varlen" if _VARLEN_ATTN is not None else "flex") if device.type == "cuda" else "mask"
+        backend = "varlen" if device.type == "cuda" and _VARLEN_ATTN is not None else "mask"
     if backend not in ("varlen", "flex", "mask"):
         raise ValueError(f"packed attention backend={backend!r}: expected auto | varlen | flex | mask")
     if backend == "varlen" and _VARLEN_ATTN is None:
@@ -244,7 +245,10 @@ class SelfAttention(nn.Module):
         if gqa and not _VARLEN_ARGS["gqa"]:
             k, v = k.repeat_interleave(self.hpg, dim=1), v.repeat_interleave(self.hpg, dim=1)
         t = b * s
-        q, k, v = (y.transpose(1, 2).reshape(t, y.shape[1], self.d) for y in (q, k, v))
+        # the flash kernel takes fp16/bf16 only, and autocast does not reach this op (SDPA is on
+        # autocast's list, varlen_attn is not): cast as autocast would (rope made q/k fp32)
+        dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
+        q, k, v = (y.transpose(1, 2).reshape(t, y.shape[1], self.d).to(dt) for y in (q, k, v))
         extra = {"enable_gqa": True} if gqa and _VARLEN_ARGS["gqa"] else {}
         o = _VARLEN_ATTN(q, k, v, docs.cu_seqlens, docs.cu_seqlens, docs.max_len, docs.max_len,
                          **_VARLEN_ARGS["causal"], **extra)

@@ -97,7 +97,10 @@ class GPTModel(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         rope = lm.rotary_pos_emb(position_ids, x.dtype)
-        layers = self._layer_fns() if cache is None else lm.encoder.layers
+        # flex: a compiled block mis-applied the closure-captured document mask (CPU, torch 2.13), so
+        # its blocks run eagerly (flex_attention itself is still compiled, see layers._flex_attention)
+        eager = cache is not None or (documents is not None and documents.backend == "flex")
+        layers = lm.encoder.layers if eager else self._layer_fns()
         ckpt = self.config.activations_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(layers):
             if ckpt:
