@@ -32,6 +32,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "rm.model.reward_model_type": ("binary_ranking",),
     "rm.model.data.data_impl": ("mmap",),
     "rm.model.data.overlong": ("truncate", "drop"),
+    "rm.model.data.packed_attention": ("auto", "varlen", "flex", "mask"),
     "rm.model.optim.sched.name": ("CosineAnnealing", "constant"),
     "rm.exp_manager.checkpoint_callback_params.mode": ("min", "max"),
     "ppo.model.data.data_impl": ("jsonl",),

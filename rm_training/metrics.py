@@ -88,8 +88,12 @@ class MetricsLogger:
 
         path = path or os.path.join(self.dir, "metrics.png")
         rows = self.rows()
-        fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
-        for ax, key in zip(axes[0], keys):
+        ncols = min(3, len(keys))  # wrap into rows of three: a long single row is unreadable
+        nrows = -(-len(keys) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.6 * nrows), squeeze=False)
+        for ax in axes.flat[len(keys):]:
+            ax.set_visible(False)
+        for ax, key in zip(axes.flat, keys):
             for split in splits:
                 pts = [(r["step"], r[key]) for r in rows if r.get("split") == split and isinstance(r.get(key), (int, float))]
                 if pts:

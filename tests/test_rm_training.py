@@ -21,7 +21,8 @@ TINY = ["model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attentio
 def quickstart(tmp_path_factory):
     """prep + rm through the real launcher, shortened to 1 epoch (20 steps of 32 pairs)."""
     run = tmp_path_factory.mktemp("qs")
-    r = cli("stage=prep,rm", f"run.dir={run}", "rm.trainer.rm.max_epochs=1", *TINY, timeout=600)
+    r = cli("stage=prep,rm", f"run.dir={run}", "rm.trainer.rm.max_epochs=1", "rm.trainer.rm.val_check_interval=10",
+            *TINY, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return run
 
