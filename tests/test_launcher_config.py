@@ -116,3 +116,15 @@ def test_stage_lists_run_in_pipeline_order(tmp_path):
     assert r.returncode == 0, r.stderr
     rendered = [line.split(":")[0] for line in r.stdout.splitlines() if line.startswith("# ===== stage") and "launch" in line]
     assert rendered == ["# ===== stage rm", "# ===== stage ppo"]
+
+
+def test_toy_learning_rates_stay_with_the_tiny_model():
+    """The quickstart's default model is tiny, whose random init needs large learning rates. Choosing
+    a real model on the command line (the hands-on's `stage=rm model=gpt_2b ...`) must give NeMo's."""
+    tiny = compose_cfg([])
+    assert tiny.model.name == "tiny" and tiny.rm.model.optim.lr == 1e-3
+    for model in ("gpt_2b", "smollm2_135m"):
+        cfg = compose_cfg([f"model={model}", "model.restore_from_path=/x.nemo"])
+        assert cfg.rm.model.optim.lr == 9e-6 and cfg.rm.model.optim.sched.min_lr == 9e-7
+        assert cfg.ppo.model.optim.lr == 9e-7 and cfg.ppo.model.ppo.ppo_epochs == 1
+        assert cfg.run.name == "quickstart" and cfg.data.source == "sample"

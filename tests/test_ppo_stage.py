@@ -43,7 +43,8 @@ def rows(path, split):
 
 def test_ppo_stage_through_launcher_reward_rises_kl_bounded(prepped):
     run, _, rm = prepped
-    r = cli("stage=ppo", f"run.dir={run}", f"ppo.reward_model.restore_from_path={rm}", *QUICK)
+    r = cli("stage=ppo", f"run.dir={run}", f"ppo.reward_model.restore_from_path={rm}", *QUICK,
+            "ppo.trainer.ppo.max_steps=8", "ppo.trainer.ppo.val_check_interval=4", "ppo.trainer.ppo.save_interval=4")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     entry = json.loads((run / "manifest.json").read_text())["stages"]["ppo"]
     arts = entry["artifacts"]
