@@ -193,15 +193,24 @@ def global_batches(lengths: np.ndarray, gbs: int, seed: int, epoch: int, shuffle
     return out
 
 
+def _deal(sorted_batch: np.ndarray, dp: int, rank: int) -> np.ndarray:
+    """Rank `rank`'s share of a length-sorted batch, dealt in snake order (0, 1, .., dp-1, dp-1, .., 0):
+    equal pair counts (gbs is a multiple of dp) and balanced tokens; the share stays sorted."""
+    pos = np.arange(len(sorted_batch)) % (2 * dp)
+    owner = np.where(pos < dp, pos, 2 * dp - 1 - pos)
+    return sorted_batch[owner == rank]
+
+
 def micro_batches(batch: np.ndarray, lengths: np.ndarray, mbs: int, dp: int, rank: int,
                   max_tokens: Optional[int] = None) -> List[np.ndarray]:
-    """This rank's micro-batches of one global batch. The batch is sorted by length and dealt out
-    to ranks in contiguous blocks of `mbs` pairs, round robin (every rank gets gbs / dp pairs of
-    similar length). With `max_tokens`, a micro-batch whose padded size (2 x pairs x longest) is
-    larger is split in halves until it fits (a single pair always runs)."""
-    b = batch[np.argsort(lengths[batch], kind="stable")]
-    blocks = [b[i: i + mbs] for i in range(0, len(b), mbs)]
-    mine = blocks[rank::dp]
+    """This rank's micro-batches of one global batch. The batch is sorted by length and dealt to
+    ranks in snake order, so every rank gets gbs / dp pairs and about 1/dp of the tokens (contiguous
+    blocks gave the last rank the longest pairs, and every step waited for it); a rank's pairs, still
+    sorted, are cut into micro-batches of `mbs` pairs of similar length. With `max_tokens`, a
+    micro-batch whose padded size (2 x pairs x longest) is larger is split in halves until it fits
+    (a single pair always runs)."""
+    b = _deal(batch[np.argsort(lengths[batch], kind="stable")], dp, rank)
+    mine = [b[i: i + mbs] for i in range(0, len(b), mbs)]
     if not max_tokens:
         return mine
     out: List[np.ndarray] = []
@@ -284,10 +293,7 @@ def packed_micro_batches(batch: np.ndarray, pair_tokens: np.ndarray, dp: int, ra
     dealt to ranks in snake order (every rank gets gbs / dp pairs and about 1/dp of the tokens),
     then packed (`pack_pairs`)."""
     b = batch[np.argsort(pair_tokens[batch], kind="stable")]
-    n = len(b)
-    pos = np.arange(n) % (2 * dp)
-    owner = np.where(pos < dp, pos, 2 * dp - 1 - pos)
-    return pack_pairs(b[owner == rank], pair_tokens, packed_tokens)
+    return pack_pairs(_deal(b, dp, rank), pair_tokens, packed_tokens)
 
 
 @dataclass

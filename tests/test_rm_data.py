@@ -64,6 +64,12 @@ def test_micro_batches_split_ranks_and_token_cap():
     r0 = micro_batches(batch, lengths, mbs=4, dp=2, rank=0)
     r1 = micro_batches(batch, lengths, mbs=4, dp=2, rank=1)
     assert sorted(np.concatenate(r0 + r1).tolist()) == list(range(16)) and len(r0) == len(r1) == 2
+    # balanced: each rank's padded work (pairs x longest, per micro-batch) within 15% of the other's;
+    # contiguous halves of the sorted batch gave rank 1 about 1.8x rank 0's
+    work = [sum(len(m) * lengths[m].max() for m in r) for r in (r0, r1)]
+    assert max(work) / min(work) < 1.15, work
+    one = micro_batches(batch, lengths, mbs=8, dp=2, rank=0) + micro_batches(batch, lengths, mbs=8, dp=2, rank=1)
+    assert [len(m) for m in one] == [8, 8] and max(lengths[one[1]]) - max(lengths[one[0]]) <= 10
     capped = micro_batches(batch, lengths, mbs=8, dp=1, rank=0, max_tokens=1000)
     assert sorted(np.concatenate(capped).tolist()) == list(range(16))
     assert all(len(m) == 1 or 2 * len(m) * lengths[m].max() <= 1000 for m in capped)
