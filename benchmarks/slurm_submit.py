@@ -9,7 +9,10 @@ the command is started. Sweeps are submitted held (`hydra.launcher.additional_pa
 the same for both) so nothing runs while measuring; Hydra's launcher then waits for results, so it is
 stopped and its array cancelled once measured. Runs alternate kit/bare so drift hits both alike.
 
-    python benchmarks/slurm_submit.py [--repeats 5] [--out benchmarks/slurm_submit.json]
+    python benchmarks/slurm_submit.py [--repeats 5] [--out benchmarks/slurm_submit.json] [--before OLD.json]
+
+`--before`: a result of this script from an earlier version of the kit (run from a checkout of that
+version, same machine, same session), kept in the new result under "before" for the ratio it had.
 """
 from __future__ import annotations
 
@@ -48,7 +51,8 @@ def timed(argv, name: str, expect: int, returns: bool) -> float:
         if proc.poll() is None:
             proc.terminate()  # hydra-submitit-launcher waits for the (held) results
             proc.wait(timeout=30)
-        subprocess.run(["scancel", "-n", name], check=False)
+        for one in name.split(","):  # scancel -n takes one name (squeue -n takes a list)
+            subprocess.run(["scancel", "-n", one], check=False)
     return elapsed
 
 
@@ -56,6 +60,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "slurm_submit.json")
+    ap.add_argument("--before", type=Path, help="an earlier result of this script, to keep alongside")
     args = ap.parse_args()
     py, tmp = sys.executable, Path(tempfile.mkdtemp(prefix="slurm_bench_"))
     hold = ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug", "hydra.launcher.timeout_min=5",
@@ -85,6 +90,9 @@ def main() -> int:
         "ratio_chain_vs_bare_sweep": round(med["chain_3_stages"] / med["bare_hydra_sweep_16"], 3),
         "goal": "kit within 1.2x of hydra-submitit-launcher submitting the same sweep of a bare Hydra app",
     }
+    if args.before:
+        old = json.loads(args.before.read_text())
+        result["before"] = {k: old[k] for k in ("command", "seconds", "median_s", "ratio_kit_sweep_vs_bare")}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
