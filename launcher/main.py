@@ -18,16 +18,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from launcher.config import KitConfig
 from launcher.errors import ConfigError
 from launcher.executors import make_executor
 from launcher.manifest import Manifest, atomic_write_text
 from launcher.plan import make_plan
-from launcher.stages import parse_stage_selection
-from launcher.validate import check_overrides, validate
+from launcher.validate import check_overrides, schema, validate_request
 
 log = logging.getLogger("launcher")
-ConfigStore.instance().store(name="kit_schema", node=KitConfig)
+ConfigStore.instance().store(name="kit_schema", node=schema())  # KitConfig, built once for both uses
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
@@ -40,11 +38,7 @@ def _run_dir(cfg: DictConfig) -> Path:
 
 def launch(cfg: DictConfig) -> int:
     """Validate, plan and run (or render) the selected stages. Returns an exit code."""
-    try:
-        stages = parse_stage_selection(cfg.stage)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    validate(cfg, stages, dry_run=cfg.dry_run)
+    stages = validate_request(cfg)
     run_dir = _run_dir(cfg)
     base_dir = Path(cfg.run.dir).resolve()  # a sweep point may use what its base run recorded (prep, once)
     jobs = make_plan(cfg, stages, run_dir, force=cfg.force, dry_run=cfg.dry_run,

@@ -7,16 +7,19 @@ or are produced by an earlier stage of the same run.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from launcher.config import KitConfig
 from launcher.errors import ConfigError, suggest
+from launcher.stages import parse_stage_selection
 
 log = logging.getLogger("launcher")
 # String keys with a fixed set of values (the dataclasses keep them as str for NeMo parity).
@@ -47,8 +50,21 @@ HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-c
 SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$|^(UNLIMITED|INFINITE)$")
 
 
-def _schema() -> DictConfig:
+@functools.lru_cache(maxsize=1)
+def schema() -> DictConfig:
+    """KitConfig as a config, built once per process (tens of ms; the ConfigStore copies it): never written."""
     return OmegaConf.structured(KitConfig)
+
+
+def _try_value(kit: DictConfig, key: str, value: Any) -> None:
+    """Set `key` to `value` in a copy of the smallest schema node holding it: raises as the full schema would."""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(kit, parent_key) if parent_key else None
+    if isinstance(parent, DictConfig) and not parent._is_none():
+        trial = copy.deepcopy(parent)  # keeps its place in the schema (parent link, types), not its siblings
+    else:
+        trial, leaf = copy.deepcopy(kit), key
+    OmegaConf.update(trial, leaf, value, merge=True)
 
 
 def check_key(schema: DictConfig, key: str) -> str | None:
@@ -87,7 +103,7 @@ def check_overrides(args: Sequence[str]) -> None:
         overrides = OverridesParser.create().parse_overrides(plain)
     except Exception:  # Hydra reports syntax errors itself, with the position
         return
-    schema = _schema()
+    kit = schema()
     problems: List[str] = []
     for o in overrides:
         key = o.key_or_group
@@ -95,15 +111,14 @@ def check_overrides(args: Sequence[str]) -> None:
             continue  # config-group choices and Hydra's own keys: Hydra checks those
         if o.type == OverrideType.ADD or o.type == OverrideType.DEL:
             continue
-        msg = check_key(schema, key)
+        msg = check_key(kit, key)
         if msg:
             problems.append(msg)
             continue
         values = o.value().list if isinstance(o.value(), ChoiceSweep) else [o.value()] if not o.is_sweep_override() else []
-        for value in values:
-            trial = _schema()
+        for value in values:  # each value of a sweep (rm.model.optim.lr=1e-5,5e-6)
             try:
-                OmegaConf.update(trial, key, value, merge=True)
+                _try_value(kit, key, value)
             except OmegaConfBaseException as e:
                 problems.append(f"{key}={value!r}: {str(e).splitlines()[0]}")
                 break
@@ -131,11 +146,14 @@ def missing_keys(node: Any, prefix: str = "") -> List[str]:
     return out
 
 
-def _missing(cfg: DictConfig, prefixes: Sequence[str]) -> List[str]:
+def _missing(cfg: DictConfig, sections: Sequence[str]) -> List[str]:
     out = []
-    for key in missing_keys(cfg):
-        if any(key == p or key.startswith(p + ".") for p in prefixes):
-            out.append(f"missing value for '{key}': set it on the command line ({key}=...)")
+    for top in cfg.keys():  # only the top-level sections asked for (a sweep checks each point: keep it cheap)
+        if top not in sections:
+            continue
+        node = cfg._get_node(top)
+        keys = [top] if node._is_missing() and not node._is_interpolation() else missing_keys(node, f"{top}.")
+        out += [f"missing value for '{key}': set it on the command line ({key}=...)" for key in keys]
     return out
 
 
@@ -224,11 +242,28 @@ def _files(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
     return out
 
 
-def validate(cfg: DictConfig, stages: Sequence[str], dry_run: bool = False) -> None:
-    """Raise ConfigError listing every problem found in the composed config."""
+def validate_request(cfg: DictConfig, warn: Optional[Callable[[str], None]] = None) -> List[str]:
+    """Everything checked before planning: the stage selection, then `validate`. Returns the stages."""
+    try:
+        stages = parse_stage_selection(cfg.stage)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    validate(cfg, stages, dry_run=cfg.dry_run, warn=warn)
+    return stages
+
+
+def _warn_dry_run(msg: str) -> None:
+    log.warning("dry run: %s (an error when run for real)", msg)
+
+
+def validate(cfg: DictConfig, stages: Sequence[str], dry_run: bool = False,
+             warn: Optional[Callable[[str], None]] = None) -> None:
+    """Raise ConfigError listing every problem found in the composed config.
+
+    `warn`: what a dry run does with problems that are only errors when run for real (default: log them)."""
     sections = {"prep": ["data"], "rm": ["model", "rm"], "ppo": ["model", "ppo"]}
-    prefixes = ["run", "cluster"] + sorted({s for st in stages for s in sections[st]})
-    problems = _missing(cfg, prefixes)
+    wanted = ["run", "cluster"] + sorted({s for st in stages for s in sections[st]})
+    problems = _missing(cfg, wanted)
     if problems:  # the rules below would trip over the missing values
         raise ConfigError(problems)
     problems += _choices(cfg)
@@ -237,7 +272,7 @@ def validate(cfg: DictConfig, stages: Sequence[str], dry_run: bool = False) -> N
     files = _files(cfg, stages)
     if dry_run:  # a dry run previews a config for another machine: missing files are warnings
         for msg in files:
-            log.warning("dry run: %s (an error when run for real)", msg)
+            (warn or _warn_dry_run)(msg)
     else:
         problems += files
     if problems:
