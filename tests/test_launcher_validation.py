@@ -113,3 +113,17 @@ def test_all_problems_are_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as e:
         launch(cfg)
     assert len(e.value.problems) >= 2
+
+
+@pytest.mark.parametrize("sweep, expect", [
+    ("rm.model.global_batch_size=32,36", "rm.model.global_batch_size=36 is not divisible"),
+    ("model=tiny,gpt_2b", "missing value for 'model.restore_from_path'"),
+])
+def test_a_sweep_with_a_bad_point_is_refused_before_any_point_runs(tmp_path, sweep, expect):
+    """hydra/sweeper=kit validates every point up front: exit 2, the bad point named, nothing run or written."""
+    sweep_dir = tmp_path / "sweep"
+    r = cli("-m", "stage=rm", sweep, f"run.dir={tmp_path}/run", f"hydra.sweep.dir={sweep_dir}")
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert expect in r.stderr and f"sweep point #1: {sweep.split('=')[0]}=" in r.stderr, r.stderr
+    assert "sweep point #0" not in r.stderr and "Traceback" not in r.stderr + r.stdout
+    assert not sweep_dir.exists() and not (tmp_path / "run").exists(), "a rejected sweep must not write anything"
