@@ -184,7 +184,9 @@ def apply_rotary(x: torch.Tensor, rope) -> torch.Tensor:
     rot, rest = (x, None) if r == x.shape[-1] else (x[..., :r], x[..., r:])
     rotated = torch.cat((-rot[..., r // 2 :], rot[..., : r // 2]), dim=-1)
     rot = rot * cos + rotated * sin
-    return rot if rest is None else torch.cat((rot, rest), dim=-1)
+    # computed in cos/sin's precision (fp32 under autocast), returned in x's: bf16 q/k stay bf16 for
+    # the attention kernel (the same rounding autocast's SDPA would apply, half the memory traffic)
+    return (rot if rest is None else torch.cat((rot.to(x.dtype), rest), dim=-1)).to(x.dtype)
 
 
 class SelfAttention(nn.Module):

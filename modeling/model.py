@@ -128,6 +128,12 @@ class GPTModel(nn.Module):
         if not self.config.torch_compile:
             return self.language_model.encoder.layers
         if self._compiled_layers is None:
+            # one block's code serves every layer, training and no-grad passes and the varying
+            # lengths of rollouts: past dynamo's default of 8 guarded variants it would silently run
+            # the block eagerly (seen in PPO: "hit config.recompile_limit (8) ... grad_mode")
+            for knob in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, knob):
+                    setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
             self._compiled_layers = [torch.compile(layer) for layer in self.language_model.encoder.layers]
         return self._compiled_layers
 

@@ -245,3 +245,17 @@ def test_reads_an_archive_tarred_the_way_nemo_does(tmp_path, tiny_gpt):
         again = a.read_config()
         assert again["persist_layer_norm"] is True and again["micro_batch_size"] == 2
         assert a.resolve(conf["tokenizer"]["model"])
+
+
+def test_rotary_under_autocast_returns_the_input_dtype_rounded_from_fp32():
+    """bf16 q/k with fp32 cos/sin (autocast): rotated in fp32, returned in bf16, exactly what
+    rotating in fp32 and rounding gives (the attention kernel saw that rounding before too)."""
+    from modeling.layers import apply_rotary
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 8).bfloat16()
+    cos, sin = torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)  # rotary on half of each head
+    out = apply_rotary(x, (cos, sin))
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, apply_rotary(x.float(), (cos, sin)).bfloat16())
+    assert torch.equal(out[..., 4:], x[..., 4:])  # the unrotated half passes through untouched
