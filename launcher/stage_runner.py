@@ -25,7 +25,10 @@ from launcher.stages import EX_TEMPFAIL, REGISTRY
 
 log = logging.getLogger("stage")
 
-
+# PyTorch's caching allocator with expandable segments: less fragmentation when the models of a
+# PPO step come and go (GPT-2B actor micro-batch 8 fits 80 GB with it, not without:
+# benchmarks/ppo_README.md). Set before torch is imported here; a user's own setting wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 class StageTerminated(BaseException):
@@ -47,6 +50,20 @@ def _distributed_env() -> None:
     import submitit
 
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def _shutdown_distributed() -> None:
+    """Tear the process group down before exit (a gloo group with async collectives left to the
+    interpreter's shutdown can abort the process: "terminate called without an active exception")."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # noqa: BLE001 - the stage's work is done; report and go on
+            log.warning("destroy_process_group failed: %s", e)
 
 
 def _init_distributed() -> None:
@@ -138,6 +155,7 @@ def run_stage(run_dir: Path, stage: str, requeue: bool = False) -> int:
         if rank == 0:
             manifest.update_stage(stage, status="failed", finished=now(), error=f"{type(e).__name__}: {e}")
         return 1
+    _shutdown_distributed()
     if rank == 0:
         result = OmegaConf.to_container(OmegaConf.create(result)) if not isinstance(result, dict) else result
         missing = [p for p in artifact_paths(result) if not Path(p).exists() and not Path(p + ".bin").exists()]

@@ -31,6 +31,10 @@ class TrainedModel:
                              f"{micro_batch_size} x {self.world} ranks")
         self.local_batch = global_batch_size // self.world
         self.micro_batch_size, self.grad_clip = micro_batch_size, grad_clip
+        sync = getattr(optim_cfg, "grad_sync_dtype", None) if not isinstance(optim_cfg, dict) else optim_cfg.get("grad_sync_dtype")
+        if sync not in D.GRAD_SYNC_DTYPES:
+            raise ValueError(f"{name}: optim.grad_sync_dtype={sync!r}: expected null | fp32 | bf16")
+        self.sync_bf16 = sync in ("bf16", "bfloat16")
 
     @property
     def lr(self) -> float:
@@ -71,9 +75,12 @@ class TrainedModel:
     def step_optimizer(self) -> float:
         grads = self.weights.grads()
         if self.world > 1:
-            handles = [dist.all_reduce(g, async_op=True) for g in grads]
+            wire = [g.to(torch.bfloat16) for g in grads] if self.sync_bf16 else grads
+            handles = [dist.all_reduce(w, async_op=True) for w in wire]
             for h in handles:
                 h.wait()
+            if self.sync_bf16:
+                torch._foreach_copy_(grads, wire)
             torch._foreach_div_(grads, float(self.world))
         params = [m for m in self.weights.master if m.grad is not None]
         clip = self.grad_clip if self.grad_clip and self.grad_clip > 0 else math.inf

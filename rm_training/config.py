@@ -65,6 +65,8 @@ class OptimConfig:
     lr: float = 9e-6
     weight_decay: float = 0.1
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    # data-parallel gradient all-reduce dtype (NeMo's distributed_fused_adam key): null = fp32 | bf16
+    grad_sync_dtype: Optional[str] = None
     sched: SchedConfig = field(default_factory=SchedConfig)
 
 

@@ -51,14 +51,36 @@ def select_device(accelerator: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def wrap_ddp(model: nn.Module, device: torch.device, **kwargs) -> nn.Module:
-    """DistributedDataParallel when several processes run, else the model itself. Gradient
-    bucketing stays the default; pass `static_graph=True` etc. through kwargs."""
+GRAD_SYNC_DTYPES = (None, "fp32", "float32", "bf16", "bfloat16")
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, grad_sync_dtype: Optional[str] = None, **kwargs) -> nn.Module:
+    """DistributedDataParallel when several processes run, else the model itself. Gradients live in
+    the communication buckets (`gradient_as_bucket_view`: no extra copy). `grad_sync_dtype`
+    (NeMo's distributed_fused_adam key): null/fp32 all-reduces fp32 gradients; bf16 halves the bytes
+    (gradients are cast to bf16 for the all-reduce and back to fp32 after it, summed in bf16)."""
+    if grad_sync_dtype not in GRAD_SYNC_DTYPES:
+        raise ValueError(f"optim.grad_sync_dtype={grad_sync_dtype!r}: expected null | fp32 | bf16")
     if world_size() <= 1:
         return model
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None,
-                                               **kwargs)
+    kwargs.setdefault("gradient_as_bucket_view", True)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None, **kwargs)
+    if grad_sync_dtype in ("bf16", "bfloat16"):
+        ddp.register_comm_hook(None, _bf16_allreduce_hook)
+    return ddp
+
+
+def _bf16_allreduce_hook(state, bucket):
+    """DDP communication hook: average a gradient bucket over the ranks in bf16 (NCCL and gloo)."""
+    buf = bucket.buffer()
+    wire = buf.to(torch.bfloat16).div_(world_size())
+    fut = dist.all_reduce(wire, async_op=True).get_future()
+
+    def back(f):
+        buf.copy_(f.value()[0])
+        return buf
+    return fut.then(back)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -26,7 +26,7 @@ from .data import (PackedBatch, PairDataset, collate, collate_packed, global_bat
                    packed_micro_batches)
 from .loss import PairStats, bradley_terry_loss, pair_sums, split_rewards
 from .metrics import MetricsLogger
-from .optim import build_optimizer, build_scheduler
+from .optim import _get, build_optimizer, build_scheduler
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class RMTrainer:
             raise ValueError("set trainer.rm.max_epochs or trainer.rm.max_steps")
         self.max_steps = min(x for x in (by_epochs, by_steps) if x is not None)
         self.module = model.to(device)
-        self.model = D.wrap_ddp(self.module, device)
+        self.model = D.wrap_ddp(self.module, device, grad_sync_dtype=_get(optim_cfg, "grad_sync_dtype"))
         self.optimizer = build_optimizer(self.module, optim_cfg)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, self.max_steps)
         self.ckpt = CheckpointManager(os.path.join(stage_dir, "checkpoints"), settings.monitor, settings.mode,

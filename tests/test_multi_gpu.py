@@ -40,3 +40,22 @@ def test_rm_two_processes_per_rank_share_and_token_cap_match_one(tmp_path):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=1e-6)
         assert y["accuracy"] == x["accuracy"]
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+    # optim.grad_sync_dtype=bf16: the gradient all-reduce travels in bf16 (half the bytes). Step 1's
+    # loss is computed before any update (identical); later steps follow within bf16 rounding.
+    bf = cli("stage=rm", *common, "cluster.processes_per_node=2", "rm.model.micro_batch_size=8",
+             "rm.model.optim.grad_sync_dtype=bf16", f"rm.exp_manager.explicit_log_dir={run}/rm_2bf16", timeout=300)
+    assert bf.returncode == 0, bf.stdout[-3000:] + bf.stderr[-3000:]
+    c = _train_rows(run / "rm_2bf16" / "metrics.jsonl")
+    assert len(c) == 4 and c[0]["loss"] == pytest.approx(a[0]["loss"], rel=1e-6)
+    for x, y in zip(a, c):
+        assert y["loss"] == pytest.approx(x["loss"], rel=2e-2)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=2e-2)
+    assert any(y["grad_norm"] != x["grad_norm"] for x, y in zip(a, c))  # the bf16 path really ran
+
+
+def test_grad_sync_dtype_is_checked():
+    from rm_training.distributed import wrap_ddp
+    import torch
+
+    with pytest.raises(ValueError, match="grad_sync_dtype='fp16'"):
+        wrap_ddp(torch.nn.Linear(2, 2), torch.device("cpu"), grad_sync_dtype="fp16")
