@@ -92,7 +92,86 @@ def check_packed(model, ds, backends, n_pairs=48, seed=0):
     return out
 
 
-def measure(name, model, cfg, ds, settings, warmup, steps, optim_cfg, device="cuda"):
+def check_compiled_training(model, ds, n_pairs=32, seeds=(1, 2)):
+    """Packed varlen vs padded in the training setting (train mode, grads on, bf16 autocast): rewards,
+    loss and gradients of the same pairs, with the blocks eager and compiled. Two different pair
+    sets per mode, so a compiled graph that kept the first batch's documents would show."""
+    from modeling.layers import pack_documents
+    from rm_training.data import collate, collate_packed
+    from rm_training.loss import bradley_terry_loss, split_rewards
+
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    def run(packed, idx):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if packed:
+                kb = collate_packed(ds, idx, 0, 128).to(torch.device("cuda"))
+                docs = pack_documents(kb.doc_lengths, tuple(kb.input_ids.shape), "varlen", "cuda", real=2 * kb.pairs)
+                r = model(kb.input_ids, documents=docs).float()
+            else:
+                pb = collate(ds, idx, 0, 8).to(torch.device("cuda"))
+                r = model(pb.input_ids, lengths=pb.lengths).float()
+        c, rj = split_rewards(r)
+        loss = bradley_terry_loss(c, rj).mean()
+        loss.backward()
+        g = torch.cat([p.grad.float().flatten() for p in params if p.grad is not None])
+        model.zero_grad(set_to_none=True)
+        return r.detach(), float(loss), g
+    model.train()
+    refs = {}
+    model.config.torch_compile, model._compiled_layers = False, None
+    for sd in seeds:
+        refs[sd] = run(False, np.random.default_rng(sd).permutation(len(ds))[:n_pairs])
+    out = {}
+    for mode in ("eager", "compiled"):
+        model.config.torch_compile, model._compiled_layers = mode != "eager", None
+        torch._dynamo.reset()
+        rows = []
+        try:
+            for sd in seeds:
+                r0, l0, g0 = refs[sd]
+                r, l, g = run(True, np.random.default_rng(sd).permutation(len(ds))[:n_pairs])
+                rows.append({"seed": sd, "reward_rel_err": float((r - r0).norm() / r0.norm()), "loss_padded": l0,
+                             "loss_packed": l, "grad_rel_err": float((g - g0).norm() / g0.norm())})
+        except Exception as e:  # noqa: BLE001 - report and go on
+            rows.append({"error": repr(e)[-1500:]})
+        out[mode] = rows
+        print(json.dumps({"check_training": mode, "rows": rows}), flush=True)
+    model.config.torch_compile, model._compiled_layers = False, None
+    torch._dynamo.reset()
+    return out
+
+
+def profile_steps(tr, first: int, n: int) -> dict:
+    """n more optimizer steps under torch.profiler: wall time against the GPU's kernel time (how
+    much of a step the GPU idles: launch/Python/sync overhead) and the top kernels by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for s in range(first, first + n):
+            tr.train_step(s)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    gpu_us = sum(getattr(e, attr) for e in events)
+    top = sorted(events, key=lambda e: -getattr(e, attr))[:25]
+    rows = [{"name": e.key[:90], "gpu_ms": round(getattr(e, attr) / 1e3, 2), "calls": e.count} for e in top]
+    out = {"steps": n, "wall_s": wall, "gpu_kernel_s": gpu_us / 1e6, "gpu_busy_fraction": gpu_us / 1e6 / wall, "top": rows}
+    print(json.dumps({"profile": {k: v for k, v in out.items() if k != "top"}}), flush=True)
+    for r in rows:
+        print(f"  {r['gpu_ms']:9.2f} ms  {r['calls']:6d}  {r['name']}", flush=True)
+    return out
+
+
+def measure(name, model, cfg, ds, settings, warmup, steps, optim_cfg, device="cuda", profile=0):
+    # every run starts from the same initial weights: the runs draw the same global batches (same
+    # seed), and a model that had trained on them in an earlier run would have memorised them (an
+    # earlier version of this script reported packed losses of 0.001 on random labels that way)
+    torch.manual_seed(0)
+    init_weights(model, cfg)
     tr = RMTrainer(model, optim_cfg, settings, ds, None, 0, "/tmp/rm_bench_" + name, torch.device(device))
     tr.ckpt = None
     for knob in ("recompile_limit", "cache_size_limit"):
@@ -126,6 +205,8 @@ def measure(name, model, cfg, ds, settings, warmup, steps, optim_cfg, device="cu
            "pairs": pairs, "global_batch_size": settings.global_batch_size, "micro_batch_size": settings.micro_batch_size,
            "max_micro_batch_tokens": settings.max_micro_batch_tokens, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
            "loss_last": m["loss"], "losses": losses, "micro_batches_per_step": mbs_count / steps}
+    if profile:
+        res["profile"] = profile_steps(tr, warmup + steps, profile)
     print(json.dumps(res), flush=True)
     del tr
     torch.cuda.empty_cache()
@@ -145,6 +226,8 @@ def main():
     ap.add_argument("--window", type=int, default=16, help="length_grouping_window (global batches)")
     ap.add_argument("--skip-eager", action="store_true")
     ap.add_argument("--check", action="store_true", help="packed vs padded rewards on the GPU (bf16)")
+    ap.add_argument("--warmup", type=int, default=6, help="untimed steps before timing (compiled runs)")
+    ap.add_argument("--profile", type=int, default=0, help="profile this many extra steps of the compiled run")
     ap.add_argument("--packed", default="", help="BACKEND:TOKENS:WINDOW,... packed runs (compiled)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -168,7 +251,8 @@ def main():
     ours = LoopSettings(global_batch_size=args.gbs, micro_batch_size=args.gbs, length_grouping_window=args.window,
                         max_micro_batch_tokens=args.max_tokens, pad_to_multiple=8, **common)
     if args.check:
-        results["check"] = check_packed(model, ds, ["varlen", "flex"])
+        results["check"] = check_packed(model, ds, ["varlen"])
+        results["check_training"] = check_compiled_training(model, ds)
         json.dump(results, open(args.out, "w"), indent=1)
     if not args.skip_eager:
         results["runs"].append(measure("ours_eager", model, cfg, ds, ours, 3, args.steps, optim_cfg))
@@ -180,7 +264,8 @@ def main():
     if args.compile:
         model.config.torch_compile = True
         t = time.perf_counter()
-        results["runs"].append(measure("ours_compiled", model, cfg, ds, ours, 6, args.steps, optim_cfg))
+        results["runs"].append(measure("ours_compiled", model, cfg, ds, ours, args.warmup, args.steps, optim_cfg,
+                                       profile=args.profile))
         results["runs"][-1]["compile_and_warmup_s"] = time.perf_counter() - t - results["runs"][-1]["seconds"]
         json.dump(results, open(args.out, "w"), indent=1)
     for spec in filter(None, args.packed.split(",")):
@@ -193,7 +278,7 @@ def main():
                           packing=True, packed_tokens=int(tokens), packed_attention=backend, **common)
         t = time.perf_counter()
         try:
-            results["runs"].append(measure(name, model, cfg, ds, st, 6, args.steps, optim_cfg))
+            results["runs"].append(measure(name, model, cfg, ds, st, args.warmup, args.steps, optim_cfg, profile=args.profile))
             results["runs"][-1]["compile_and_warmup_s"] = time.perf_counter() - t - results["runs"][-1]["seconds"]
             results["runs"][-1]["packed_attention"] = backend
         except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others
