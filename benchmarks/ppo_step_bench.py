@@ -131,6 +131,7 @@ def state_bytes(trainer):
 def ppo_steps(name, cfg, vocab, opts, batch, prompts, max_len, steps):
     dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
     res = {"config": name, "vocab": vocab, "batch": batch, "max_response": max_len, **opts,
+           "torch_compile": cfg.torch_compile,
            "prompt_len_mean": statistics.mean(len(p) for p in prompts)}
     if DEV == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -224,17 +225,44 @@ def main():
     ap.add_argument("--only", default="", help="comma list of size names to run")
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip transformers once this much time is spent")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME=SIZE:key=val,... an extra run of SIZE with changed options (compile=1, offload=0, "
+                         "actor_mbs, critic_mbs, fwd_mbs, ckpt=1); repeatable")
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers generate() comparison")
+    ap.add_argument("--mem-cap-gib", type=float, default=0.0,
+                    help="cap this process's GPU memory (e.g. 79 = what an 80 GB H100 offers) on a larger GPU")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.mem_cap_gib and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib * 2**30 / total))
+        RESULTS["memory_cap_gib"] = args.mem_cap_gib
     if args.smoke or not torch.cuda.is_available():
         DEV = "cpu"
     batch, max_len, plen = (8, 16, (4, 24)) if args.smoke else (64, 256, (32, 256))
     RESULTS.update(command=" ".join(["python3"] + sys.argv), device=torch.cuda.get_device_name() if DEV == "cuda" else
                    platform.processor() or "cpu", torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M"))
     path = os.path.join(args.out, "ppo_step_results.json")
-    for name, cfg, vocab, opts in sizes(args.smoke):
-        if args.only and name not in args.only.split(","):
-            continue
+    runs = [r for r in sizes(args.smoke) if not args.only or r[0] in args.only.split(",")]
+    base = {r[0]: r for r in sizes(args.smoke)}
+    for spec in args.variant:  # NAME=SIZE:key=val,...
+        vname, rest = spec.split("=", 1)
+        size, _, kv = rest.partition(":")
+        _, cfg, vocab, opts = base[size]
+        opts = dict(opts)
+        for item in filter(None, kv.split(",")):
+            k, v = item.split("=")
+            if k == "compile":
+                cfg = dataclasses.replace(cfg, torch_compile=bool(int(v)))
+            elif k == "ckpt":
+                cfg = dataclasses.replace(cfg, activations_checkpointing=bool(int(v)))
+            elif k == "offload":
+                opts[k] = bool(int(v))
+            else:
+                opts[k] = int(v)
+        opts["variant_of"] = size
+        runs.append((vname, cfg, vocab, opts))
+    for name, cfg, vocab, opts in runs:
         g = torch.Generator().manual_seed(1)
         lens = torch.randint(plen[0], plen[1] + 1, (batch,), generator=g).tolist()
         prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
@@ -255,6 +283,10 @@ def main():
                 gc.collect()
                 if DEV == "cuda":
                     torch.cuda.empty_cache()
+        if args.no_hf or "variant_of" in opts:
+            with open(path, "w") as f:
+                json.dump(RESULTS, f, indent=1)
+            continue
         if time.perf_counter() - T0 > args.budget_s:
             log("time budget spent: skipping transformers for", name)
             continue
