@@ -61,6 +61,7 @@ def _shutdown_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         try:
+            dist.barrier()  # no rank closes its connections while another is still using them
             dist.destroy_process_group()
         except Exception as e:  # noqa: BLE001 - the stage's work is done; report and go on
             log.warning("destroy_process_group failed: %s", e)
