@@ -256,6 +256,17 @@ def _warn_dry_run(msg: str) -> None:
     log.warning("dry run: %s (an error when run for real)", msg)
 
 
+def _profile(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
+    out = []
+    for stage in ("rm", "ppo"):
+        if stage in stages:
+            p = cfg[stage].model.torch_profile
+            if p.enabled and not 1 <= p.start_step <= p.end_step:
+                out.append(f"{stage}.model.torch_profile: start_step={p.start_step}, end_step={p.end_step}: "
+                           "need 1 <= start_step <= end_step (1-based steps)")
+    return out
+
+
 def validate(cfg: DictConfig, stages: Sequence[str], dry_run: bool = False,
              warn: Optional[Callable[[str], None]] = None) -> None:
     """Raise ConfigError listing every problem found in the composed config.
@@ -269,6 +280,7 @@ def validate(cfg: DictConfig, stages: Sequence[str], dry_run: bool = False,
     problems += _choices(cfg)
     problems += _parallelism(cfg, stages)
     problems += _cluster(cfg)
+    problems += _profile(cfg, stages)
     files = _files(cfg, stages)
     if dry_run:  # a dry run previews a config for another machine: missing files are warnings
         for msg in files:

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from rm_training.config import CheckpointCallbackParams, ExpManagerConfig, OptimConfig, PretrainedCheckpoint
+from rm_training.config import (CheckpointCallbackParams, ExpManagerConfig, OptimConfig, PretrainedCheckpoint,
+                                TorchProfileConfig)
 
 
 @dataclass
@@ -87,6 +88,7 @@ class ActorModelConfig:
     ppo: ActorPPOConfig = field(default_factory=ActorPPOConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-7))
     data: PPODataConfig = field(default_factory=PPODataConfig)
+    torch_profile: TorchProfileConfig = field(default_factory=lambda: TorchProfileConfig(start_step=3, end_step=3))
 
 
 @dataclass

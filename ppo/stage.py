@@ -24,6 +24,7 @@ from data_prep.tokenizers import load_tokenizer
 from modeling import ModelTokenizerConfig, save_nemo
 from rm_training import distributed as D
 from rm_training.checkpointing import CheckpointManager, PreemptionHandler, load_state, seed_everything
+from rm_training.profiling import StepProfiler
 from rm_training.metrics import MetricsLogger
 
 from .config import PPOConfig
@@ -159,10 +160,13 @@ def _run(cfg, pcfg, stage_dir, rcfg, loop, device, tmp):
         last_val = trainer.validate(samples_dir)
         logger.log(0, last_val, split="val")
         log.info("step 0 validation: %s", _fmt(last_val))
+    prof = StepProfiler(pcfg.model.torch_profile, stage_dir, D.rank())
     with PreemptionHandler() as preempt:
         while trainer.step < max_steps:
+            prof.before(trainer.step + 1)
             m = trainer.train_step()
             step = trainer.step
+            prof.after(step)
             logger.log(step, m, split="train")
             log.info("step %d/%d  %s", step, max_steps, _fmt(m, ("reward_mean", "kl", "entropy", "value_loss",
                                                                  "clip_fraction", "response_length", "time_generation",
@@ -178,6 +182,7 @@ def _run(cfg, pcfg, stage_dir, rcfg, loop, device, tmp):
                 logger.close()
                 log.warning("preempted: checkpointed at step %d, exiting with 75 (run again to resume)", step)
                 raise SystemExit(PreemptionHandler.EXIT_CODE)
+    prof.close()
     logger.flush()
     # every rank must hold the same policy (same init, averaged gradients): say so in each rank's log
     checksum = sum(float(p.detach().double().sum()) for p in actor.parameters())

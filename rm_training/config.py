@@ -95,6 +95,16 @@ class RMDataConfig:
 
 
 @dataclass
+class TorchProfileConfig:
+    """torch.profiler trace of optimizer steps start_step..end_step (1-based) on the listed ranks,
+    written to <stage>/profile/ (rm_training/profiling.py)."""
+    enabled: bool = False
+    start_step: int = 10
+    end_step: int = 12
+    ranks: List[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
 class RMModelConfig:
     micro_batch_size: int = 2
     global_batch_size: int = 64
@@ -103,6 +113,7 @@ class RMModelConfig:
     rampup_batch_size: Optional[List[int]] = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: RMDataConfig = field(default_factory=RMDataConfig)
+    torch_profile: TorchProfileConfig = field(default_factory=TorchProfileConfig)
 
 
 @dataclass

@@ -101,7 +101,8 @@ def _settings(rm: RMConfig, device: torch.device) -> LoopSettings:
         length_grouping_window=m.data.length_grouping_window, max_micro_batch_tokens=m.data.max_micro_batch_tokens,
         pad_to_multiple=m.data.pad_to_multiple, packing=m.data.packing, packed_tokens=m.data.packed_tokens,
         packed_attention=m.data.packed_attention, autocast_dtype=amp, resume=rm.exp_manager.resume_if_exists,
-        monitor=ckpt.monitor, mode=ckpt.mode, save_top_k=ckpt.save_top_k, filename=ckpt.filename)
+        monitor=ckpt.monitor, mode=ckpt.mode, save_top_k=ckpt.save_top_k, filename=ckpt.filename,
+        torch_profile=m.torch_profile)
 
 
 def run(cfg) -> dict:

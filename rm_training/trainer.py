@@ -14,7 +14,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from .data import (PackedBatch, PairDataset, collate, collate_packed, global_bat
 from .loss import PairStats, bradley_terry_loss, pair_sums, split_rewards
 from .metrics import MetricsLogger
 from .optim import _get, build_optimizer, build_scheduler
+from .profiling import StepProfiler
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class LoopSettings:
     mode: str = "min"
     save_top_k: int = 3
     filename: str = "megatron_gpt--{val_loss:.3f}-{step}"
+    torch_profile: Any = None  # {enabled, start_step, end_step, ranks}: see rm_training/profiling.py
 
 
 class RMTrainer:
@@ -253,11 +255,14 @@ class RMTrainer:
         log.info("training %d steps (%d per epoch, global batch %d pairs, micro batch %d, %d process(es)); %d train pairs",
                  self.max_steps, self.steps_per_epoch, s.global_batch_size, s.micro_batch_size, self.dp, len(self.train_ds))
         saved_at = self.step if resumed else -1
+        prof = StepProfiler(s.torch_profile, self.stage_dir, self.rank)
         try:
             with self.preempt:
                 while self.step < self.max_steps:
+                    prof.before(self.step + 1)
                     m = self.train_step(self.step)
                     self.step += 1
+                    prof.after(self.step)
                     if self.step % s.log_every_n_steps == 0 or self.step == self.max_steps:
                         self.logger.log(self.step, m, "train")
                     bar.update(m["pairs"], m["tokens"], loss=m["loss"], acc=m["accuracy"])
@@ -286,6 +291,7 @@ class RMTrainer:
                     self.save_checkpoint(gather_rng=False)
             self._close(bar)
             raise
+        prof.close()
         self._close(bar)
         return self.last_val
 

@@ -56,6 +56,11 @@ def test_global_batch_accounts_for_data_parallel_size(tmp_path):
     fails_cleanly(tmp_path, "cluster.processes_per_node=3", expect="data-parallel size 3")
 
 
+def test_profile_step_range(tmp_path):
+    fails_cleanly(tmp_path, "rm.model.torch_profile.enabled=true", "rm.model.torch_profile.start_step=0",
+                  expect="rm.model.torch_profile: start_step=0, end_step=12")
+
+
 def test_rollout_samples_divisible(tmp_path):
     fails_cleanly(tmp_path, "ppo.model.ppo.num_rollout_samples=40", expect="num_rollout_samples=40")
 

@@ -117,8 +117,12 @@ def test_two_process_data_parallel_ranks_stay_identical(prepped):
     run, _, rm = prepped
     r = cli("stage=ppo", f"run.dir={run}", f"ppo.reward_model.restore_from_path={rm}", "cluster.processes_per_node=2",
             "ppo.trainer.ppo.max_steps=2", "ppo.trainer.ppo.val_check_interval=0", "ppo.trainer.ppo.critic_warmup_steps=1",
-            "ppo.model.ppo.length_params.max_length=8", "ppo.exp_manager.explicit_log_dir=" + str(run / "ppo_ddp"), *QUICK)
+            "ppo.model.ppo.length_params.max_length=8", "ppo.exp_manager.explicit_log_dir=" + str(run / "ppo_ddp"),
+            "ppo.model.torch_profile.enabled=true", "ppo.model.torch_profile.start_step=2",
+            "ppo.model.torch_profile.end_step=2", "ppo.model.torch_profile.ranks=[0,1]", *QUICK)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for rank in (0, 1):  # a trace of step 2 from each rank
+        assert (run / "ppo_ddp" / "profile" / f"rank{rank}_steps2-2.json").stat().st_size > 0
     sums = []
     for name in ("log.txt", "log_rank1.txt"):
         line = [x for x in (run / "ppo" / name).read_text().splitlines() if "actor checksum" in x][-1]

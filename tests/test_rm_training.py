@@ -124,3 +124,24 @@ def test_two_ddp_processes_match_one(quickstart, tmp_path):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=1e-6)
         assert y["accuracy"] == x["accuracy"]
     assert _rows(two["metrics"], "val")[-1]["loss"] == pytest.approx(_rows(one["metrics"], "val")[-1]["loss"], rel=1e-5)
+
+
+def test_torch_profile_traces_the_requested_steps(quickstart, tmp_path):
+    import rm_training
+
+    out = rm_training.run(_cfg(quickstart, tmp_path / "prof", "rm.model.torch_profile.enabled=true",
+                               "rm.model.torch_profile.start_step=2", "rm.model.torch_profile.end_step=3"))
+    trace = tmp_path / "prof" / "profile" / "rank0_steps2-3.json"
+    events = json.loads(trace.read_text())["traceEvents"]
+    steps = [e for e in events if e.get("name", "").startswith("Optimizer.step")]
+    assert len(steps) == 2  # steps 2 and 3, not 1 or 4-6
+    assert "aten::mm" in (tmp_path / "prof" / "profile" / "rank0_steps2-3.txt").read_text()
+    assert len(_rows(out["metrics"], "train")) == 6  # training went on after the trace
+
+
+def test_torch_profile_rejects_an_empty_range(quickstart, tmp_path):
+    import rm_training
+
+    with pytest.raises(ValueError, match="start_step <= end_step"):
+        rm_training.run(_cfg(quickstart, tmp_path / "bad", "rm.model.torch_profile.enabled=true",
+                             "rm.model.torch_profile.start_step=5", "rm.model.torch_profile.end_step=2"))
