@@ -41,7 +41,7 @@ class StepProfiler:
             acts = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 acts.append(torch.profiler.ProfilerActivity.CUDA)
-            self._prof = torch.profiler.profile(activities=acts, record_shapes=True)
+            self._prof = torch.profiler.profile(activities=acts, record_shapes=False)
             self._prof.__enter__()
 
     def after(self, step: int) -> None:
