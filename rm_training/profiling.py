@@ -18,13 +18,9 @@ from typing import Any, Optional
 
 import torch
 
+from .optim import _get
+
 log = logging.getLogger(__name__)
-
-
-def _get(cfg: Any, key: str, default=None):
-    if cfg is None:
-        return default
-    return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
 
 
 class StepProfiler:
