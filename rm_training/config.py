@@ -114,6 +114,9 @@ class RMModelConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: RMDataConfig = field(default_factory=RMDataConfig)
     torch_profile: TorchProfileConfig = field(default_factory=TorchProfileConfig)
+    # NeMo's key: shard parameters, gradients and optimizer state over the data-parallel ranks (torch
+    # FSDP2) instead of replicating them (DDP); for models whose training state does not fit one GPU
+    fsdp: bool = False
 
 
 @dataclass

@@ -71,6 +71,20 @@ def wrap_ddp(model: nn.Module, device: torch.device, grad_sync_dtype: Optional[s
     return ddp
 
 
+def shard_fsdp(model: nn.Module) -> nn.Module:
+    """FSDP2 (`fully_shard`): each transformer block is one unit (its parameters are gathered for
+    its forward and backward, then freed), the root holds the rest (embeddings, final norm, heads).
+    In place: returns the same module, now holding DTensor shards."""
+    from torch.distributed.fsdp import fully_shard
+
+    inner = unwrap(model)
+    blocks = getattr(getattr(getattr(inner, "language_model", None), "encoder", None), "layers", None)
+    for block in blocks or []:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
 def _bf16_allreduce_hook(state, bucket):
     """DDP communication hook: average a gradient bucket over the ranks in bf16 (NCCL and gloo)."""
     buf = bucket.buffer()

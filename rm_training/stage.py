@@ -102,7 +102,7 @@ def _settings(rm: RMConfig, device: torch.device) -> LoopSettings:
         pad_to_multiple=m.data.pad_to_multiple, packing=m.data.packing, packed_tokens=m.data.packed_tokens,
         packed_attention=m.data.packed_attention, autocast_dtype=amp, resume=rm.exp_manager.resume_if_exists,
         monitor=ckpt.monitor, mode=ckpt.mode, save_top_k=ckpt.save_top_k, filename=ckpt.filename,
-        torch_profile=m.torch_profile)
+        torch_profile=m.torch_profile, fsdp=m.fsdp)
 
 
 def run(cfg) -> dict:
@@ -142,7 +142,7 @@ def run(cfg) -> dict:
         return ckpt_path[: -len(".pt")] + ".nemo"
     def on_checkpoint(path: str, is_best: bool) -> None:
         if ckpt_params.always_save_nemo:
-            save_nemo(model, nemo_for(path), tokenizer_path=tok_file)
+            save_nemo(trainer.exportable, nemo_for(path), tokenizer_path=tok_file)
     def on_remove(path: str) -> None:
         if os.path.exists(nemo_for(path)):
             os.remove(nemo_for(path))
@@ -163,13 +163,14 @@ def run(cfg) -> dict:
             _write_json(path, dict(t, step=trainer.step))
             result["test_metrics"] = path
     final = os.path.join(stage_dir, "checkpoints", f"{rm.exp_manager.name}.nemo")
+    export = trainer.export_module()  # collective under FSDP (gathers the weights to rank 0)
     if D.is_main():
         best = trainer.ckpt.best()
         best_nemo = nemo_for(trainer.ckpt.path(best)) if best else None
         if ckpt_params.save_nemo_on_train_end or not (best_nemo and os.path.exists(best_nemo)):
             if not ckpt_params.save_nemo_on_train_end:
                 log.warning("save_nemo_on_train_end=false and no best .nemo: exporting the final model anyway (ppo needs one)")
-            save_nemo(model, final, tokenizer_path=tok_file)
+            save_nemo(export, final, tokenizer_path=tok_file)
         else:
             final = best_nemo
         log.info("reward model: %s", final)

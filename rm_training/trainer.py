@@ -9,6 +9,7 @@ and ranks (1 process and N processes compute the same step up to float summation
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -62,6 +63,7 @@ class LoopSettings:
     save_top_k: int = 3
     filename: str = "megatron_gpt--{val_loss:.3f}-{step}"
     torch_profile: Any = None  # {enabled, start_step, end_step, ranks}: see rm_training/profiling.py
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the ranks (FSDP2) instead of DDP
 
 
 class RMTrainer:
@@ -84,7 +86,15 @@ class RMTrainer:
             raise ValueError("set trainer.rm.max_epochs or trainer.rm.max_steps")
         self.max_steps = min(x for x in (by_epochs, by_steps) if x is not None)
         self.module = model.to(device)
-        self.model = D.wrap_ddp(self.module, device, grad_sync_dtype=_get(optim_cfg, "grad_sync_dtype"))
+        self.fsdp = bool(settings.fsdp) and self.dp > 1
+        if self.fsdp:
+            # an empty (meta) copy to rebuild a plain module from gathered weights (.nemo export)
+            self._shell = copy.deepcopy(model).to("meta")
+            self.model = D.shard_fsdp(self.module)  # in place: self.module is the sharded module too
+            log.info("FSDP: parameters, gradients and optimizer state sharded over %d ranks", self.dp)
+        else:
+            self.model = D.wrap_ddp(self.module, device, grad_sync_dtype=_get(optim_cfg, "grad_sync_dtype"))
+        self.exportable = self.module  # what .nemo exports read (a gathered copy under FSDP)
         self.optimizer = build_optimizer(self.module, optim_cfg)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, self.max_steps)
         self.ckpt = CheckpointManager(os.path.join(stage_dir, "checkpoints"), settings.monitor, settings.mode,
@@ -139,16 +149,26 @@ class RMTrainer:
         stats = PairStats(self.device)
         scale = self.dp / s.global_batch_size
         real = padded = 0
+        n_real = len(mbs_list)
+        if self.fsdp:  # every rank must run as many forward/backward passes (each gathers parameters)
+            n_all = int(D.all_reduce_max(float(n_real), self.device))
+            mbs_list = list(mbs_list) + [mbs_list[-1]] * (n_all - n_real)  # repeats, weighted 0 below
         for i, idx in enumerate(mbs_list):
             batch = self._collate(self.train_ds, idx)
             sync = i == len(mbs_list) - 1
-            ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else contextlib.nullcontext()
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(sync)
+                ctx = contextlib.nullcontext()
+            else:
+                ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else contextlib.nullcontext()
             with ctx:
                 with self._autocast():
                     rewards = self._rewards(self.model, batch)
                 c, r = split_rewards(rewards.float())
                 losses = bradley_terry_loss(c, r)
-                (losses.sum() * scale).backward()
+                (losses.sum() * (scale if i < n_real else 0.0)).backward()
+            if i >= n_real:
+                continue
             stats.add(pair_sums(c, r, losses))
             real += batch.tokens
             padded += batch.padded_tokens
@@ -191,13 +211,19 @@ class RMTrainer:
             mbs = max(mbs, self.s.global_batch_size // self.dp)
         blocks = [idx[i: i + mbs] for i in range(0, len(idx), mbs)][self.rank:: self.dp]
         stats = PairStats(self.device)
-        for block in blocks:
-            parts = (pack_pairs(block, ds.pair_tokens, self.s.packed_tokens) if self.s.packing else
-                     micro_batches(block, ds.lengths, len(block), 1, 0, self.s.max_micro_batch_tokens))
-            for part in parts:
-                batch = self._collate(ds, part)
-                with self._autocast():
-                    rewards = self._rewards(self.module, batch)
+        parts = [part for block in blocks
+                 for part in (pack_pairs(block, ds.pair_tokens, self.s.packed_tokens) if self.s.packing else
+                              micro_batches(block, ds.lengths, len(block), 1, 0, self.s.max_micro_batch_tokens))]
+        n_real = len(parts)
+        if self.fsdp:  # as many forward passes on every rank; the extra ones are not counted
+            n_all = int(D.all_reduce_max(float(n_real), self.device))
+            filler = parts[-1] if parts else idx[:1]
+            parts = parts + [filler] * (n_all - n_real)
+        for i, part in enumerate(parts):
+            batch = self._collate(ds, part)
+            with self._autocast():
+                rewards = self._rewards(self.module, batch)
+            if i < n_real:
                 c, r = split_rewards(rewards.float())
                 stats.add(pair_sums(c, r, bradley_terry_loss(c, r)))
         vec = stats.vector()
@@ -213,14 +239,43 @@ class RMTrainer:
         if gather_rng and self.dp > 1:
             rngs = [None] * self.dp
             dist.all_gather_object(rngs, rng_state())
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+        model_sd, optim_sd = self._state_dicts()
+        return {"model": model_sd, "optimizer": optim_sd,
                 "scheduler": self.scheduler.state_dict(), "step": self.step,
                 "consumed_samples": self.step * self.s.global_batch_size, "last_val": dict(self.last_val),
                 "rng_per_rank": rngs, "world_size": self.dp}
 
+    def _state_dicts(self):
+        """Model and optimizer state; under FSDP gathered in full (a collective: every rank calls it)
+        and kept on the CPU, so checkpoints look the same whatever the sharding."""
+        if not self.fsdp:
+            return self.module.state_dict(), self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return self._gather_model(), get_optimizer_state_dict(self.module, self.optimizer, options=opts)
+
+    def export_module(self, model_sd: Optional[dict] = None) -> Optional[torch.nn.Module]:
+        """The module a .nemo is written from: the model itself, or under FSDP a plain CPU copy
+        with the gathered weights (rank 0; a collective when model_sd is not given)."""
+        if not self.fsdp:
+            return self.module
+        if model_sd is None:
+            model_sd = self._gather_model()
+        if not D.is_main():
+            return None
+        out = copy.deepcopy(self._shell)
+        out.load_state_dict(model_sd, assign=True)
+        return out
+
+    def _gather_model(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def save_checkpoint(self, gather_rng: bool = True) -> Optional[str]:
         st = self.state(gather_rng)
         path = None
+        if self.fsdp:
+            self.exportable = self.export_module(st["model"])
         if D.is_main():
             metrics = {k: v for k, v in self.last_val.items()}
             is_best = self.ckpt.is_best(metrics.get(self.s.monitor))
@@ -237,8 +292,15 @@ class RMTrainer:
         if not (self.s.resume and path):
             return False
         st = load_state(path, map_location="cpu", restore_rng=False)
-        self.module.load_state_dict(st["model"])
-        self.optimizer.load_state_dict(st["optimizer"])
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.module, st["model"], options=opts)
+            set_optimizer_state_dict(self.module, self.optimizer, st["optimizer"], options=opts)
+        else:
+            self.module.load_state_dict(st["model"])
+            self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         self.step, self.last_val = int(st["step"]), dict(st.get("last_val", {}))
         rngs = st.get("rng_per_rank") or [st.get("rng")]

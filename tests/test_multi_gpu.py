@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.kit import cli
 
@@ -59,3 +60,53 @@ def test_grad_sync_dtype_is_checked():
 
     with pytest.raises(ValueError, match="grad_sync_dtype='fp16'"):
         wrap_ddp(torch.nn.Linear(2, 2), torch.device("cpu"), grad_sync_dtype="fp16")
+
+
+def _nemo_tensors(path):
+    from modeling import load_pretrained
+
+    return load_pretrained(str(path), head="reward").state_dict()
+
+
+def test_rm_fsdp_two_processes_match_one_and_resume(tmp_path):
+    """rm.model.fsdp=true (FSDP2) on 2 gloo processes: the same losses, gradient norms and exported
+    weights as one process, with ranks running different numbers of micro-batches (token cap), and
+    a resume from its (gathered, full) checkpoint continues as the single process does."""
+    run = tmp_path / "run"
+    # 150 test pairs in eval blocks of 8 = 19 blocks: one rank evaluates one block more than the other,
+    # so the final test pass needs the zero-weight filler forwards that keep FSDP's collectives paired
+    common = [f"run.dir={run}", *TINY, "data.max_pairs=150", "rm.model.global_batch_size=16",
+              "rm.trainer.rm.val_check_interval=2", "rm.trainer.rm.save_interval=2",
+              "rm.trainer.rm.limit_val_batches=1", "rm.model.data.length_grouping_window=4",
+              "rm.model.data.max_micro_batch_tokens=1024",
+              "rm.exp_manager.checkpoint_callback_params.always_save_nemo=false"]
+    one = [*common, "rm.model.micro_batch_size=16", f"rm.exp_manager.explicit_log_dir={run}/rm_1"]
+    fsdp = [*common, "cluster.processes_per_node=2", "rm.model.micro_batch_size=8", "rm.model.fsdp=true",
+            f"rm.exp_manager.explicit_log_dir={run}/rm_f"]
+    for args in (["stage=prep,rm", *one, "rm.trainer.rm.max_steps=4"], ["stage=rm", *fsdp, "rm.trainer.rm.max_steps=4"]):
+        r = cli(*args, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "FSDP: parameters, gradients and optimizer state sharded over 2 ranks" in (run / "rm" / "log.txt").read_text()
+    a, b = _train_rows(run / "rm_1" / "metrics.jsonl"), _train_rows(run / "rm_f" / "metrics.jsonl")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert (y["pairs"], y["tokens"]) == (x["pairs"], x["tokens"])
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=1e-6)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+    ta, tb = (json.loads((run / d / "test_metrics.json").read_text()) for d in ("rm_1", "rm_f"))
+    assert ta["pairs"] == tb["pairs"] == 150 and tb["loss"] == pytest.approx(ta["loss"], rel=1e-5)
+    wa, wb = (_nemo_tensors(run / d / "checkpoints" / "megatron_gpt.nemo") for d in ("rm_1", "rm_f"))
+    assert wa.keys() == wb.keys() and "rm_head.weight" in " ".join(wa)
+    for k in wa:
+        if k.endswith("rm_head.bias"):  # the pairwise loss ignores a constant shift: its gradient is
+            continue                    # rounding noise, which AdamW turns into lr-sized steps
+        assert float((wa[k] - wb[k]).norm()) <= 1e-5 * float(wa[k].norm()) + 1e-7, k  # fp32 reduction order
+    # resume both from their step-4 checkpoints to step 6
+    for args in (["stage=rm", *one, "rm.trainer.rm.max_steps=6"], ["stage=rm", *fsdp, "rm.trainer.rm.max_steps=6"]):
+        r = cli(*args, "force=true", timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "resumed from" in r.stdout + r.stderr
+    a, b = _train_rows(run / "rm_1" / "metrics.jsonl"), _train_rows(run / "rm_f" / "metrics.jsonl")
+    assert [r["step"] for r in b][-2:] == [5, 6]
+    for x, y in zip(a[-2:], b[-2:]):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=1e-6)
