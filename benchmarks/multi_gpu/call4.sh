@@ -3,7 +3,7 @@
 # all-reduce) at NeMo's learning rate, then PPO with GPT-2B on 2 GPUs against that rm. Each part has
 # its own time limit and a part is skipped when the call's deadline (DEADLINE s) would pass.
 #   bash benchmarks/multi_gpu/call4.sh $OUT
-# Knobs (next call, prepared): PACK=1 (sequence packing, 16k-token micro-batches), PROFILE=1 (torch.profiler
+# Knobs (next call, prepared): FSDP=1 (rm.model.fsdp), PACK=1 (sequence packing, 16k-token micro-batches), PROFILE=1 (torch.profiler
 # trace of steps PROF_A..PROF_B on every rank, copied to $OUT as profile_<run>.tgz), WARMUP (steps excluded
 # from throughput, default 10), SKIP_PPO=1, SKIP_FP32=1, STEPS.
 #   PACK=1 PROFILE=1 STEPS=50 WARMUP=25 SKIP_PPO=1 SKIP_FP32=1 NOPROBE=1 bash benchmarks/multi_gpu/call4.sh $OUT
@@ -28,6 +28,7 @@ RM=(rm.model.optim.lr=9e-6 rm.model.optim.weight_decay=0.1 rm.model.optim.sched.
     rm.trainer.rm.max_steps=$STEPS rm.trainer.rm.val_check_interval=$STEPS rm.trainer.rm.save_interval=$STEPS
     rm.trainer.rm.limit_val_batches=4 rm.exp_manager.checkpoint_callback_params.always_save_nemo=false)
 [ -n "${PACK:-}" ] && RM+=(rm.model.data.packing=true rm.model.data.packed_tokens=16384)
+[ -n "${FSDP:-}" ] && RM+=(rm.model.fsdp=true)   # only the multi-process runs shard; 1 process stays plain
 [ -n "${PROFILE:-}" ] && RM+=(rm.model.torch_profile.enabled=true rm.model.torch_profile.start_step=${PROF_A:-40}
                               rm.model.torch_profile.end_step=${PROF_B:-41} "rm.model.torch_profile.ranks=[0,1]")
 WARMUP=${WARMUP:-10}
