@@ -267,6 +267,36 @@ def _profile(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
     return out
 
 
+SCHEDULES = ("CosineAnnealing", "constant", "Constant", "ConstantLR", None)  # rm_training.optim.build_scheduler
+
+
+def _optim(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
+    """lr and schedule values the optimizer would only refuse after the stages before it ran."""
+    out = []
+    sections = [("rm.model.optim", "rm", ("model", "optim")), ("ppo.model.optim", "ppo", ("model", "optim")),
+                ("ppo.critic.optim", "ppo", ("critic", "optim"))]
+    for name, stage, (a, b) in sections:
+        if stage not in stages:
+            continue
+        o = cfg[stage][a][b]
+        if not o.lr > 0:
+            out.append(f"{name}.lr={o.lr} must be > 0")
+        sched = o.get("sched")
+        if sched is None:
+            continue
+        for key in ("warmup_steps", "constant_steps"):
+            if (sched.get(key) or 0) < 0:
+                out.append(f"{name}.sched.{key}={sched.get(key)} must be >= 0")
+        kind = sched.get("name")
+        if kind not in SCHEDULES:
+            out.append(f"{name}.sched.name={kind!r} is not one of {list(SCHEDULES)}")
+        min_lr = sched.get("min_lr")
+        if kind == "CosineAnnealing" and min_lr is not None and min_lr > o.lr > 0:
+            out.append(f"{name}.sched.min_lr={min_lr} is above {name}.lr={o.lr}: the cosine schedule "
+                       "decays from lr down to min_lr; lower min_lr or raise lr")
+    return out
+
+
 def validate(cfg: DictConfig, stages: Sequence[str], dry_run: bool = False,
              warn: Optional[Callable[[str], None]] = None) -> None:
     """Raise ConfigError listing every problem found in the composed config.
@@ -281,6 +311,7 @@ def validate(cfg: DictConfig, stages: Sequence[str], dry_run: bool = False,
     problems += _parallelism(cfg, stages)
     problems += _cluster(cfg)
     problems += _profile(cfg, stages)
+    problems += _optim(cfg, stages)
     files = _files(cfg, stages)
     if dry_run:  # a dry run previews a config for another machine: missing files are warnings
         for msg in files:

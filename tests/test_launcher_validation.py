@@ -113,6 +113,23 @@ def test_explicit_data_prefix_must_exist(tmp_path):
                   expect=f"rm.model.data.data_prefix.train: {tmp_path}/x_text_document does not exist")
 
 
+def test_min_lr_above_lr_is_refused_before_prep_runs(tmp_path):
+    """The quickstart's tiny model decays to min_lr 1e-4; NeMo's lr 9e-6 on it used to fail only when
+    the rm stage built its scheduler, after prep had run."""
+    err = fails_cleanly(tmp_path, "rm.model.optim.lr=9e-6", expect="rm.model.optim.sched.min_lr=0.0001 is above "
+                        "rm.model.optim.lr=9e-06")
+    assert "lower min_lr or raise lr" in err
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("ppo.critic.optim.lr=0", "ppo.critic.optim.lr=0.0 must be > 0"),
+    ("rm.model.optim.sched.name=cosine", "rm.model.optim.sched.name='cosine' is not one of"),
+    ("ppo.model.optim.sched.warmup_steps=-1", "ppo.model.optim.sched.warmup_steps=-1 must be >= 0"),
+])
+def test_bad_optimizer_settings_name_the_key(tmp_path, override, expect):
+    fails_cleanly(tmp_path, override, expect=expect)
+
+
 def test_all_problems_are_reported_at_once(tmp_path):
     cfg = compose_cfg([f"run.dir={tmp_path}", "rm.model.global_batch_size=36", "data.source=hubb"])
     with pytest.raises(ConfigError) as e:
