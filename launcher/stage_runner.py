@@ -74,8 +74,13 @@ def _init_distributed() -> None:
     import torch.distributed as dist
 
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # device_id binds this rank's NCCL communicator to its GPU: barriers and collectives never
+        # guess the device from the global rank (NCCL warns that a guess can hang on uneven nodes)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
     log.info("torch.distributed ready: %s, rank %d of %d, rendezvous %s:%s", dist.get_backend(), dist.get_rank(),
              dist.get_world_size(), os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
 
