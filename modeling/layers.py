@@ -224,9 +224,12 @@ class SelfAttention(nn.Module):
         gqa = self.n_groups != self.n_heads
         if gqa and not _SDPA_GQA:
             k, v = k.repeat_interleave(self.hpg, dim=1), v.repeat_interleave(self.hpg, dim=1)
+        # without a mask the keys are exactly these s positions (a prefill returns none), so causal is
+        # right for every s (s == 1 included). Not `and s > 1`: under dynamic shapes that is a SymBool,
+        # SDPA refuses it and torch.compile broke every block into three graphs around the attention
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0,
-            is_causal=attn_mask is None and s > 1, **({"enable_gqa": True} if gqa and _SDPA_GQA else {}))
+            is_causal=attn_mask is None, **({"enable_gqa": True} if gqa and _SDPA_GQA else {}))
         return self.dense(o.transpose(1, 2).reshape(b, s, self.n_heads * self.d))
 
     def _packed(self, x, rope, docs: PackedDocuments):

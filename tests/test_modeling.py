@@ -259,3 +259,21 @@ def test_rotary_under_autocast_returns_the_input_dtype_rounded_from_fp32():
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, apply_rotary(x.float(), (cos, sin)).bfloat16())
     assert torch.equal(out[..., 4:], x[..., 4:])  # the unrotated half passes through untouched
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_a_compiled_block_has_no_graph_break_under_dynamic_shapes(family):
+    """The rm stage sees a new (rows, length) every micro-batch, so dynamo compiles each block with
+    dynamic sizes. `is_causal=... and s > 1` was then a SymBool that SDPA refuses: two graph breaks
+    per block, attention run eagerly between three graphs, and more recompilations."""
+    cfg = TINY_GPT if family == "gpt" else TINY_LLAMA
+    model = build_model(cfg, vocab_size=256)
+    x = torch.randn(3, 17, cfg.hidden_size)
+    torch._dynamo.maybe_mark_dynamic(x, 0)
+    torch._dynamo.maybe_mark_dynamic(x, 1)
+    rope = model.language_model.rotary_pos_emb(torch.arange(17)[None], x.dtype)
+    torch._dynamo.maybe_mark_dynamic(rope[0] if isinstance(rope, tuple) else rope, 1)
+    torch._dynamo.reset()
+    out = torch._dynamo.explain(model.language_model.encoder.layers[0])(x, rope, None, None, 0)
+    assert out.graph_break_count == 0, [str(b.reason)[:300] for b in out.break_reasons]
+    assert out.graph_count == 1
