@@ -71,17 +71,22 @@ def wrap_ddp(model: nn.Module, device: torch.device, grad_sync_dtype: Optional[s
     return ddp
 
 
-def shard_fsdp(model: nn.Module) -> nn.Module:
+def shard_fsdp(model: nn.Module, grad_sync_dtype: Optional[str] = None) -> nn.Module:
     """FSDP2 (`fully_shard`): each transformer block is one unit (its parameters are gathered for
     its forward and backward, then freed), the root holds the rest (embeddings, final norm, heads).
+    `grad_sync_dtype` as for DDP: bf16 reduce-scatters the gradients in bf16 (half the bytes).
     In place: returns the same module, now holding DTensor shards."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if grad_sync_dtype not in GRAD_SYNC_DTYPES:
+        raise ValueError(f"optim.grad_sync_dtype={grad_sync_dtype!r}: expected null | fp32 | bf16")
+    bf16 = grad_sync_dtype in ("bf16", "bfloat16")
+    mp = MixedPrecisionPolicy(reduce_dtype=torch.bfloat16) if bf16 else MixedPrecisionPolicy()
     inner = unwrap(model)
     blocks = getattr(getattr(getattr(inner, "language_model", None), "encoder", None), "layers", None)
     for block in blocks or []:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
     return model
 
 

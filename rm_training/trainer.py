@@ -90,7 +90,7 @@ class RMTrainer:
         if self.fsdp:
             # an empty (meta) copy to rebuild a plain module from gathered weights (.nemo export)
             self._shell = copy.deepcopy(model).to("meta")
-            self.model = D.shard_fsdp(self.module)  # in place: self.module is the sharded module too
+            self.model = D.shard_fsdp(self.module, grad_sync_dtype=_get(optim_cfg, "grad_sync_dtype"))  # in place
             log.info("FSDP: parameters, gradients and optimizer state sharded over %d ranks", self.dp)
         else:
             self.model = D.wrap_ddp(self.module, device, grad_sync_dtype=_get(optim_cfg, "grad_sync_dtype"))

@@ -110,3 +110,12 @@ def test_rm_fsdp_two_processes_match_one_and_resume(tmp_path):
     assert [r["step"] for r in b][-2:] == [5, 6]
     for x, y in zip(a[-2:], b[-2:]):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=1e-6)
+    # optim.grad_sync_dtype=bf16 under FSDP: the gradients are reduce-scattered in bf16
+    r = cli("stage=rm", *fsdp[:-1], "rm.model.optim.grad_sync_dtype=bf16", "rm.trainer.rm.max_steps=4",
+            f"rm.exp_manager.explicit_log_dir={run}/rm_fbf16", timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    c = _train_rows(run / "rm_fbf16" / "metrics.jsonl")
+    assert len(c) == 4 and c[0]["loss"] == pytest.approx(a[0]["loss"], rel=1e-6)
+    for x, y in zip(a[:4], c):
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=2e-2)
+    assert any(y["grad_norm"] != x["grad_norm"] for x, y in zip(a[:4], c))  # the bf16 path really ran
