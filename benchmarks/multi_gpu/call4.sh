@@ -3,10 +3,11 @@
 # all-reduce) at NeMo's learning rate, then PPO with GPT-2B on 2 GPUs against that rm. Each part has
 # its own time limit and a part is skipped when the call's deadline (DEADLINE s) would pass.
 #   bash benchmarks/multi_gpu/call4.sh $OUT
-# Knobs (next call, prepared): FSDP=1 (rm.model.fsdp), PACK=1 (sequence packing, 16k-token micro-batches), PROFILE=1 (torch.profiler
+# Knobs (next call, prepared): FSDP=1 (rm.model.fsdp on every 2-GPU run), FSDP_RUN=1 (one more 2-GPU run
+# with FSDP, after the DDP one), PACK=1 (sequence packing, 16k-token micro-batches), PROFILE=1 (torch.profiler
 # trace of steps PROF_A..PROF_B on every rank, copied to $OUT as profile_<run>.tgz), WARMUP (steps excluded
 # from throughput, default 10), SKIP_PPO=1, SKIP_FP32=1, STEPS.
-#   PACK=1 PROFILE=1 STEPS=50 WARMUP=25 SKIP_PPO=1 SKIP_FP32=1 NOPROBE=1 bash benchmarks/multi_gpu/call4.sh $OUT
+#   PACK=1 PROFILE=1 FSDP_RUN=1 STEPS=50 WARMUP=25 SKIP_PPO=1 SKIP_FP32=1 NOPROBE=1 bash benchmarks/multi_gpu/call4.sh $OUT
 set -uo pipefail
 OUT=${1:?usage: call4.sh OUT_DIR}; mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -50,6 +51,10 @@ STAGES=prep,rm rm_run rm_1gpu 1 64
 rm -rf $RUN/rm_1gpu/checkpoints/*.pt
 rm_run rm_2gpu_bf16 2 32 rm.model.optim.grad_sync_dtype=bf16
 python3 benchmarks/multi_gpu/compare.py --warmup $WARMUP "$OUT/rm_1gpu.jsonl" "$OUT/rm_2gpu_bf16.jsonl" > "$OUT/compare.txt" 2>&1; tail -4 "$OUT/compare.txt"
+if [ -n "${FSDP_RUN:-}" ]; then  # the same 2-GPU run sharded with FSDP2 (bf16 reduce-scatter), no profile
+  rm_run rm_2gpu_fsdp 2 32 rm.model.fsdp=true rm.model.optim.grad_sync_dtype=bf16 rm.model.torch_profile.enabled=false
+  python3 benchmarks/multi_gpu/compare.py --warmup $WARMUP "$OUT/rm_1gpu.jsonl" "$OUT/rm_2gpu_fsdp.jsonl" > "$OUT/compare_fsdp.txt" 2>&1; tail -4 "$OUT/compare_fsdp.txt"
+fi
 lim=$(( $(left) < ${T_PPO:-170} ? $(left) : ${T_PPO:-170} ))
 if [ "$lim" -ge 60 ] && [ -z "${SKIP_PPO:-}" ]; then
 timeout $lim python3 launcher/main.py stage=ppo "${MODEL[@]}" "${COMMON[@]}" $GPUKEY=2 model.torch_compile=false \
