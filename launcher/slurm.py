@@ -294,6 +294,7 @@ def job_info(ids: Sequence[str]) -> Dict[str, Dict[str, str]]:
     if not ids:
         return out
     names = ("State", "Reason", "ExitCode", "Elapsed", "NodeList")
+    completing: Dict[str, Dict[str, str]] = {}
     queries = [(["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%r|-|%M|%N"], False),
                (["sacct", "-X", "-n", "-P", "-o", "JobID,State,Reason,ExitCode,Elapsed,NodeList", "-j"], True)]
     for argv, needs_ids in queries:
@@ -309,6 +310,11 @@ def job_info(ids: Sequence[str]) -> Dict[str, Dict[str, str]]:
             vals = line.split("|")
             if len(vals) == 6 and vals[0] in todo:
                 out[vals[0]] = dict(zip(names, vals[1:]))
+        if not needs_ids:  # squeue: a COMPLETING job has ended; sacct knows how (CANCELLED, FAILED, ...)
+            completing = {j: out.pop(j) for j in list(out) if out[j]["State"] == "COMPLETING"}
+    for jid, row in completing.items():  # sacct had no terminal state for it yet
+        if not is_terminal(out.get(jid, {}).get("State", "")):
+            out[jid] = row
     for jid in set(ids) - set(out):
         try:
             r = subprocess.run(["scontrol", "show", "job", "-o", jid], capture_output=True, text=True, timeout=30)

@@ -70,3 +70,23 @@ def test_slurm_time_in_minutes(text, minutes):
 def test_bad_time_is_a_config_error():
     with pytest.raises(ConfigError, match="not a Slurm time"):
         executor(time="1:2:3:4")
+
+
+def test_a_completing_job_reports_how_it_ended(tmp_path, monkeypatch):
+    """squeue shows a cancelled job as COMPLETING while its processes are cleaned up, when sacct
+    already says CANCELLED: status must say CANCELLED (CI saw the real cluster in that instant). The
+    instant cannot be held open on a real cluster, so squeue and sacct are stand-in scripts here."""
+    from launcher.slurm import job_info
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho '3|COMPLETING|None|-|0:01|node1'\necho '4|COMPLETING|None|-|0:02|node1'\n")
+    # job 3: sacct knows the end; job 4: sacct still lags (RUNNING): the live COMPLETING row stays
+    (bin_dir / "sacct").write_text("#!/bin/sh\necho '3|CANCELLED by 0|None|0:0|00:00:01|node1'\n"
+                                   "echo '4|RUNNING|None|0:0|00:00:02|node1'\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    info = job_info(["3", "4"])
+    assert info["3"]["State"] == "CANCELLED by 0"
+    assert info["4"]["State"] == "COMPLETING"
