@@ -37,6 +37,23 @@ def throughput(train, warmup):
     return pairs / secs, tokens / secs, len(timed), statistics.median(r["step_time"] for r in timed)
 
 
+def step_fit(train, warmup):
+    """Least-squares step_time = fixed + tokens / rate over the timed steps: what a step costs
+    whatever its size (fixed, s) and the marginal real tokens/s. None with fewer than 3 steps."""
+    timed = [r for r in train if r["step"] > min(warmup, len(train) - 1)]
+    if len(timed) < 3:
+        return None
+    xs, ys = [r["tokens"] for r in timed], [r["step_time"] for r in timed]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return None
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    fixed = my - slope * mx
+    rms = statistics.mean((fixed + slope * x - y) ** 2 for x, y in zip(xs, ys)) ** 0.5
+    return fixed, (1 / slope if slope > 0 else float("inf")), rms
+
+
 def compare_rm(a_path, b_path, warmup, gpus):
     a, b = rows(a_path), rows(b_path)
     n = min(len(a), len(b))
@@ -63,6 +80,11 @@ def compare_rm(a_path, b_path, warmup, gpus):
     print(f"  1 GPU : {p1:8.1f} pairs/s {t1:10.0f} real tok/s  median step {m1:.3f} s")
     print(f"  {gpus} GPUs: {pn:8.1f} pairs/s {tn:10.0f} real tok/s  median step {mn:.3f} s")
     print(f"  scaling efficiency = {pn:.1f} / ({gpus} x {p1:.1f}) = {pn / (gpus * p1):.3f}")
+    for label, train in (("1 GPU ", a), (f"{gpus} GPUs", b)):
+        fit = step_fit(train, warmup)
+        if fit:
+            print(f"  {label} step time fit: {fit[0]:.3f} s fixed + real tokens / {fit[1] / 1e3:.1f}k tok/s "
+                  f"(rms residual {fit[2]:.3f} s)")
     return {"max_abs_dloss": max(dl), "max_abs_dacc": max(dacc), "pairs_per_s_1": p1, "pairs_per_s_n": pn,
             "efficiency": pn / (gpus * p1)}
 
