@@ -62,11 +62,13 @@ class RewardModel(_HeadModel):
     document, read at its last token (documents.ends), in packing order."""
 
     def forward(self, input_ids, attention_mask=None, lengths=None, position_ids=None, documents=None):
+        # the rewards are returned as tensors of their own, not views (FSDP2 warns about a root module
+        # returning a view: an in-place op on it would skip its backward hook)
         if documents is not None:
-            return self._scores(input_ids, None, position_ids, documents)
+            return self._scores(input_ids, None, position_ids, documents).clone()
         scores = self._scores(input_ids, attention_mask, position_ids)
         idx = last_token_index(input_ids, attention_mask, lengths)
-        return scores.gather(1, idx[:, None]).squeeze(1)
+        return scores[torch.arange(scores.shape[0], device=scores.device), idx]
 
 
 class ValueModel(_HeadModel):
