@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from launcher.config import KitConfig
 from launcher.errors import ConfigError, suggest
 from launcher.stages import parse_stage_selection
+from rm_training.config import COSINE_SCHEDULE, SCHEDULE_NAMES
 
 log = logging.getLogger("launcher")
 # String keys with a fixed set of values (the dataclasses keep them as str for NeMo parity).
@@ -267,18 +268,13 @@ def _profile(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
     return out
 
 
-SCHEDULES = ("CosineAnnealing", "constant", "Constant", "ConstantLR", None)  # rm_training.optim.build_scheduler
-
-
 def _optim(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
     """lr and schedule values the optimizer would only refuse after the stages before it ran."""
     out = []
-    sections = [("rm.model.optim", "rm", ("model", "optim")), ("ppo.model.optim", "ppo", ("model", "optim")),
-                ("ppo.critic.optim", "ppo", ("critic", "optim"))]
-    for name, stage, (a, b) in sections:
-        if stage not in stages:
+    for name in ("rm.model.optim", "ppo.model.optim", "ppo.critic.optim"):
+        if name.split(".")[0] not in stages:
             continue
-        o = cfg[stage][a][b]
+        o = OmegaConf.select(cfg, name)
         if not o.lr > 0:
             out.append(f"{name}.lr={o.lr} must be > 0")
         sched = o.get("sched")
@@ -288,10 +284,10 @@ def _optim(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
             if (sched.get(key) or 0) < 0:
                 out.append(f"{name}.sched.{key}={sched.get(key)} must be >= 0")
         kind = sched.get("name")
-        if kind not in SCHEDULES:
-            out.append(f"{name}.sched.name={kind!r} is not one of {list(SCHEDULES)}")
+        if kind not in SCHEDULE_NAMES:
+            out.append(f"{name}.sched.name={kind!r} is not one of {list(SCHEDULE_NAMES)}")
         min_lr = sched.get("min_lr")
-        if kind == "CosineAnnealing" and min_lr is not None and min_lr > o.lr > 0:
+        if kind == COSINE_SCHEDULE and min_lr is not None and min_lr > o.lr > 0:
             out.append(f"{name}.sched.min_lr={min_lr} is above {name}.lr={o.lr}: the cosine schedule "
                        "decays from lr down to min_lr; lower min_lr or raise lr")
     return out

@@ -51,6 +51,12 @@ class ExpManagerConfig:
     checkpoint_callback_params: CheckpointCallbackParams = field(default_factory=CheckpointCallbackParams)
 
 
+# optim.sched.name values rm_training.optim.build_scheduler knows (null = constant); the launcher checks them
+COSINE_SCHEDULE = "CosineAnnealing"
+CONSTANT_SCHEDULES = ("constant", "Constant", "ConstantLR", None)
+SCHEDULE_NAMES = (COSINE_SCHEDULE,) + CONSTANT_SCHEDULES
+
+
 @dataclass
 class SchedConfig:
     name: str = "CosineAnnealing"

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from .config import CONSTANT_SCHEDULES, COSINE_SCHEDULE
+
 log = logging.getLogger(__name__)
 
 
@@ -131,9 +133,9 @@ def build_scheduler(optimizer, optim_cfg, max_steps: int) -> LRScheduler:
     sched = _get(optim_cfg, "sched", None)
     name = _get(sched, "name", None)
     warmup = int(_get(sched, "warmup_steps", 0) or 0)
-    if name in (None, "constant", "Constant", "ConstantLR"):
+    if name in CONSTANT_SCHEDULES:
         return ConstantLR(optimizer, warmup_steps=warmup)
-    if name != "CosineAnnealing":
+    if name != COSINE_SCHEDULE:
         raise ValueError(f"optim.sched.name={name!r}: expected CosineAnnealing | constant")
     return CosineAnnealing(optimizer, max_steps=max_steps, warmup_steps=warmup,
                            constant_steps=int(_get(sched, "constant_steps", 0) or 0),
