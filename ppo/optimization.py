@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from rm_training import distributed as D
-from rm_training.optim import build_optimizer, build_scheduler
+from rm_training.optim import _get, build_optimizer, build_scheduler
 
 from .models import MasterWeights, move_optimizer_state
 from .rollout import RolloutBatch
@@ -31,10 +31,10 @@ class TrainedModel:
                              f"{micro_batch_size} x {self.world} ranks")
         self.local_batch = global_batch_size // self.world
         self.micro_batch_size, self.grad_clip = micro_batch_size, grad_clip
-        sync = getattr(optim_cfg, "grad_sync_dtype", None) if not isinstance(optim_cfg, dict) else optim_cfg.get("grad_sync_dtype")
-        if sync not in D.GRAD_SYNC_DTYPES:
-            raise ValueError(f"{name}: optim.grad_sync_dtype={sync!r}: expected null | fp32 | bf16")
-        self.sync_bf16 = sync in ("bf16", "bfloat16")
+        try:
+            self.sync_bf16 = D.bf16_grad_sync(_get(optim_cfg, "grad_sync_dtype"))
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
 
     @property
     def lr(self) -> float:

@@ -54,7 +54,7 @@ def select_device(accelerator: str = "auto") -> torch.device:
 GRAD_SYNC_DTYPES = (None, "fp32", "float32", "bf16", "bfloat16")
 
 
-def _bf16_sync(grad_sync_dtype: Optional[str]) -> bool:
+def bf16_grad_sync(grad_sync_dtype: Optional[str]) -> bool:
     """Whether `optim.grad_sync_dtype` asks for bf16 gradient communication (checked: fails on typos)."""
     if grad_sync_dtype not in GRAD_SYNC_DTYPES:
         raise ValueError(f"optim.grad_sync_dtype={grad_sync_dtype!r}: expected null | fp32 | bf16")
@@ -66,7 +66,7 @@ def wrap_ddp(model: nn.Module, device: torch.device, grad_sync_dtype: Optional[s
     the communication buckets (`gradient_as_bucket_view`: no extra copy). `grad_sync_dtype`
     (NeMo's distributed_fused_adam key): null/fp32 all-reduces fp32 gradients; bf16 halves the bytes
     (gradients are cast to bf16 for the all-reduce and back to fp32 after it, summed in bf16)."""
-    bf16 = _bf16_sync(grad_sync_dtype)
+    bf16 = bf16_grad_sync(grad_sync_dtype)
     if world_size() <= 1:
         return model
     ids = [device.index] if device.type == "cuda" else None
@@ -84,7 +84,7 @@ def shard_fsdp(model: nn.Module, grad_sync_dtype: Optional[str] = None) -> nn.Mo
     In place: returns the same module, now holding DTensor shards."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    bf16 = _bf16_sync(grad_sync_dtype)
+    bf16 = bf16_grad_sync(grad_sync_dtype)
     mp = MixedPrecisionPolicy(reduce_dtype=torch.bfloat16) if bf16 else MixedPrecisionPolicy()
     inner = unwrap(model)
     blocks = getattr(getattr(getattr(inner, "language_model", None), "encoder", None), "layers", None)
