@@ -150,9 +150,7 @@ class RMTrainer:
         scale = self.dp / s.global_batch_size
         real = padded = 0
         n_real = len(mbs_list)
-        if self.fsdp:  # every rank must run as many forward/backward passes (each gathers parameters)
-            n_all = int(D.all_reduce_max(float(n_real), self.device))
-            mbs_list = list(mbs_list) + [mbs_list[-1]] * (n_all - n_real)  # repeats, weighted 0 below
+        mbs_list = self._same_pass_count(mbs_list, mbs_list[-1])  # repeats are weighted 0 below
         for i, idx in enumerate(mbs_list):
             batch = self._collate(self.train_ds, idx)
             sync = i == len(mbs_list) - 1
@@ -200,6 +198,14 @@ class RMTrainer:
             return np.sort(np.random.default_rng([self.s.seed, 7]).permutation(n)[:k])
         return np.arange(k)
 
+    def _same_pass_count(self, parts: List, filler) -> List:
+        """Under FSDP every rank must run as many forward (and backward) passes, each of which gathers
+        parameters: pad this rank's list with `filler` up to the largest count over the ranks."""
+        if not self.fsdp:
+            return parts
+        n_all = int(D.all_reduce_max(float(len(parts)), self.device))
+        return list(parts) + [filler] * (n_all - len(parts))
+
     @torch.no_grad()
     def evaluate(self, ds: PairDataset, limit=1.0) -> Dict[str, float]:
         """Metrics over the (limited) split; every rank takes its share of length-sorted micro-batches."""
@@ -215,10 +221,7 @@ class RMTrainer:
                  for part in (pack_pairs(block, ds.pair_tokens, self.s.packed_tokens) if self.s.packing else
                               micro_batches(block, ds.lengths, len(block), 1, 0, self.s.max_micro_batch_tokens))]
         n_real = len(parts)
-        if self.fsdp:  # as many forward passes on every rank; the extra ones are not counted
-            n_all = int(D.all_reduce_max(float(n_real), self.device))
-            filler = parts[-1] if parts else idx[:1]
-            parts = parts + [filler] * (n_all - n_real)
+        parts = self._same_pass_count(parts, parts[-1] if parts else idx[:1])  # the repeats are not counted
         for i, part in enumerate(parts):
             batch = self._collate(ds, part)
             with self._autocast():
