@@ -44,12 +44,9 @@ def step_fit(train, warmup):
     if len(timed) < 3:
         return None
     xs, ys = [r["tokens"] for r in timed], [r["step_time"] for r in timed]
-    mx, my = statistics.mean(xs), statistics.mean(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx == 0:
+    if len(set(xs)) < 2:
         return None
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    fixed = my - slope * mx
+    slope, fixed = statistics.linear_regression(xs, ys)
     rms = statistics.mean((fixed + slope * x - y) ** 2 for x, y in zip(xs, ys)) ** 0.5
     return fixed, (1 / slope if slope > 0 else float("inf")), rms
 
