@@ -28,9 +28,13 @@ def rows(path, split="train"):
     return out
 
 
+def timed_steps(train, warmup):
+    """The steps after the first `warmup` (at least the last one)."""
+    return [r for r in train if r["step"] > min(warmup, len(train) - 1)]
+
+
 def throughput(train, warmup):
-    warmup = min(warmup, len(train) - 1)
-    timed = [r for r in train if r["step"] > warmup]
+    timed = timed_steps(train, warmup)
     pairs = sum(r["pairs"] for r in timed)
     secs = sum(r["step_time"] for r in timed)
     tokens = sum(r["tokens"] for r in timed)
@@ -40,7 +44,7 @@ def throughput(train, warmup):
 def step_fit(train, warmup):
     """Least-squares step_time = fixed + tokens / rate over the timed steps: what a step costs
     whatever its size (fixed, s) and the marginal real tokens/s. None with fewer than 3 steps."""
-    timed = [r for r in train if r["step"] > min(warmup, len(train) - 1)]
+    timed = timed_steps(train, warmup)
     if len(timed) < 3:
         return None
     xs, ys = [r["tokens"] for r in timed], [r["step_time"] for r in timed]
