@@ -46,9 +46,6 @@ def main():
     with torch.device("cuda"):
         model = RewardModel(cfg, vocab, with_lm_head=False)
     init_weights(model, cfg)
-    for knob in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, 64)
     optim = {"name": "adamw", "lr": args.lr, "weight_decay": 0.1, "betas": [0.9, 0.98],
              "sched": {"name": "CosineAnnealing", "warmup_steps": 2, "constant_steps": 1000, "min_lr": args.lr / 10}}
     st = LoopSettings(global_batch_size=64, micro_batch_size=64, length_grouping_window=64, seed=1234, max_steps=1000,
