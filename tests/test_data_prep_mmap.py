@@ -117,3 +117,36 @@ def test_jsonl_to_mmap_int32_vocab(tmp_path):
     kept = [d for d in ref_docs if d]  # text 0 has no words: skipped
     assert ds.index.dtype == np.int32 and len(ds) == len(kept) == 294
     assert ds[1].tolist() == kept[1]
+
+
+def test_memory_does_not_grow_with_the_text(tmp_path, spm_tok):
+    """Streaming: the same 1,000 documents made ~5x longer leave the peak (traced) memory where it
+    was; a step that held the input, its texts or all its tokens would add at least the extra bytes.
+    (What does grow with the input is the index, 4 bytes a document, as in megatron-core.)"""
+    import os
+    import tracemalloc
+
+    peaks, sizes = [], []
+    for rep in (4, 32):
+        src = tmp_path / f"in{rep}.jsonl"
+        _write_jsonl(src, [f"User: question {i} about things\n\nAssistant: " + "answer number ok " * rep
+                           for i in range(1000)])
+        tracemalloc.start()
+        try:
+            jsonl_to_mmap(str(src), str(tmp_path / f"o{rep}"), spm_tok, workers=1, chunk_bytes=32 * 1024,
+                          progress=False)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        sizes.append(os.path.getsize(src))
+    assert sizes[1] - sizes[0] > 400_000
+    assert peaks[1] < peaks[0] + (sizes[1] - sizes[0]) / 4, (peaks, sizes)
+
+
+def test_progress_bar_shows_rate_and_eta(tmp_path, spm_tok, capsys):
+    src = tmp_path / "c.jsonl"
+    _write_jsonl(src, [f"User: hello {i}\n\nAssistant: fine" for i in range(200)])
+    jsonl_to_mmap(str(src), str(tmp_path / "o"), spm_tok, workers=1, chunk_bytes=1000, progress=True)
+    err = capsys.readouterr().err
+    assert "tokenize c.jsonl" in err and "100%" in err
+    assert "M tok/s" in err and "<00:00" in err  # tokens/s, and tqdm's elapsed<remaining (ETA)
