@@ -277,3 +277,28 @@ def test_a_compiled_block_has_no_graph_break_under_dynamic_shapes(family):
     out = torch._dynamo.explain(model.language_model.encoder.layers[0])(x, rope, None, None, 0)
     assert out.graph_break_count == 0, [str(b.reason)[:300] for b in out.break_reasons]
     assert out.graph_count == 1
+
+
+def test_loading_a_nemo_unpacks_nothing(tmp_path, tiny_gpt, monkeypatch):
+    """A .nemo is read in place (config and weights streamed from their tar members): no member is
+    extracted and nothing is written to the temp directory, so a 9 GB archive needs no 9 GB of scratch."""
+    import tarfile
+    import tempfile
+
+    from modeling import load_pretrained
+
+    path = save_nemo(tiny_gpt, tmp_path / "m.nemo", tokenizer_path=str(_write_tokenizer(tmp_path)))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setenv("TMPDIR", str(scratch))
+
+    def refuse(*a, **k):
+        raise AssertionError("a .nemo member was extracted")
+    monkeypatch.setattr(tarfile.TarFile, "extract", refuse)
+    monkeypatch.setattr(tarfile.TarFile, "extractall", refuse)
+    back = load_pretrained(str(path)).eval()
+    assert list(scratch.iterdir()) == []
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(back(ids), tiny_gpt(ids))
