@@ -214,11 +214,7 @@ class SelfAttention(nn.Module):
         if isinstance(attn_mask, PackedDocuments):
             attn_mask = attn_mask.block_mask
         b, s, _ = x.shape
-        qkv = self.query_key_value(x).view(b, s, self.n_groups, self.hpg + 2, self.d)
-        q = qkv[:, :, :, : self.hpg].reshape(b, s, self.n_heads, self.d).transpose(1, 2)
-        k = qkv[:, :, :, self.hpg].transpose(1, 2)
-        v = qkv[:, :, :, self.hpg + 1].transpose(1, 2)
-        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        q, k, v = self._qkv(x, rope)
         if cache is not None:
             k, v, attn_mask = cache.update(layer_idx, k, v)
         gqa = self.n_groups != self.n_heads
@@ -232,17 +228,23 @@ class SelfAttention(nn.Module):
             is_causal=attn_mask is None, **({"enable_gqa": True} if gqa and _SDPA_GQA else {}))
         return self.dense(o.transpose(1, 2).reshape(b, s, self.n_heads * self.d))
 
+    def _qkv(self, x, rope):
+        """[B, S, H] -> q [B, heads, S, d], k and v [B, groups, S, d], rotary applied to q and k.
+        The fused projection is laid out per group: its query heads, then one key, then one value."""
+        b, s, _ = x.shape
+        qkv = self.query_key_value(x).view(b, s, self.n_groups, self.hpg + 2, self.d)
+        q = qkv[:, :, :, : self.hpg].reshape(b, s, self.n_heads, self.d).transpose(1, 2)
+        k = qkv[:, :, :, self.hpg].transpose(1, 2)
+        v = qkv[:, :, :, self.hpg + 1].transpose(1, 2)
+        return apply_rotary(q, rope), apply_rotary(k, rope), v
+
     def _packed(self, x, rope, docs: PackedDocuments):
         """Block-diagonal causal attention over packed documents: varlen (flash, [tokens, heads, dim]
         layout) or flex (a document-id BlockMask)."""
         if self.training and self.dropout_p > 0:
             raise NotImplementedError("attention dropout with sequence packing")
         b, s, _ = x.shape
-        qkv = self.query_key_value(x).view(b, s, self.n_groups, self.hpg + 2, self.d)
-        q = qkv[:, :, :, : self.hpg].reshape(b, s, self.n_heads, self.d).transpose(1, 2)
-        k = qkv[:, :, :, self.hpg].transpose(1, 2)
-        v = qkv[:, :, :, self.hpg + 1].transpose(1, 2)
-        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        q, k, v = self._qkv(x, rope)
         gqa = self.n_groups != self.n_heads
         if docs.backend == "flex":
             o = _flex_attention(q.device)(q, k, v, block_mask=docs.block_mask, enable_gqa=gqa)
