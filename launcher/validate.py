@@ -293,6 +293,33 @@ def _optim(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
     return out
 
 
+def _loop(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
+    """Run length and intervals that the trainers would only refuse (or divide by) after the stages
+    before them ran. -1 (or null) is NeMo's "no limit" for max_steps and max_epochs."""
+    out = []
+    for stage in ("rm", "ppo"):
+        if stage not in stages:
+            continue
+        name = f"{stage}.trainer.{stage}"
+        t = OmegaConf.select(cfg, name)
+        limits = {k: t.get(k) for k in ("max_epochs", "max_steps")}
+        for key, value in limits.items():
+            if value is not None and value != -1 and value < 1:
+                out.append(f"{name}.{key}={value} must be >= 1, or -1 for no limit")
+        if not any(v is not None and v >= 1 for v in limits.values()):
+            out.append(f"{name}: max_epochs={limits['max_epochs']} and max_steps={limits['max_steps']} set no "
+                       "length; give one of them a positive value")
+        for key in ("val_check_interval", "save_interval", "log_every_n_steps"):
+            if key in t and t[key] < 0:
+                out.append(f"{name}.{key}={t[key]} must be >= 0 (steps)")
+        if "limit_val_batches" in t and t.limit_val_batches < 0:
+            out.append(f"{name}.limit_val_batches={t.limit_val_batches} must be >= 0 (a fraction <= 1.0 or a "
+                       "number of batches)")
+        if (t.get("critic_warmup_steps") or 0) < 0:
+            out.append(f"{name}.critic_warmup_steps={t.critic_warmup_steps} must be >= 0")
+    return out
+
+
 def validate(cfg: DictConfig, stages: Sequence[str], dry_run: bool = False,
              warn: Optional[Callable[[str], None]] = None) -> None:
     """Raise ConfigError listing every problem found in the composed config.
@@ -308,6 +335,7 @@ def validate(cfg: DictConfig, stages: Sequence[str], dry_run: bool = False,
     problems += _cluster(cfg)
     problems += _profile(cfg, stages)
     problems += _optim(cfg, stages)
+    problems += _loop(cfg, stages)
     files = _files(cfg, stages)
     if dry_run:  # a dry run previews a config for another machine: missing files are warnings
         for msg in files:

@@ -130,6 +130,19 @@ def test_bad_optimizer_settings_name_the_key(tmp_path, override, expect):
     fails_cleanly(tmp_path, override, expect=expect)
 
 
+@pytest.mark.parametrize("override, expect", [
+    ("rm.trainer.rm.max_epochs=-1", "rm.trainer.rm: max_epochs=-1 and max_steps=-1 set no length"),
+    ("rm.trainer.rm.max_epochs=0", "rm.trainer.rm.max_epochs=0 must be >= 1, or -1 for no limit"),
+    ("ppo.trainer.ppo.max_steps=-5", "ppo.trainer.ppo.max_steps=-5 must be >= 1, or -1 for no limit"),
+    ("rm.trainer.rm.save_interval=-1", "rm.trainer.rm.save_interval=-1 must be >= 0"),
+    ("rm.trainer.rm.limit_val_batches=-0.5", "rm.trainer.rm.limit_val_batches=-0.5 must be >= 0"),
+    ("ppo.trainer.ppo.critic_warmup_steps=-3", "ppo.trainer.ppo.critic_warmup_steps=-3 must be >= 0"),
+])
+def test_run_length_and_intervals_are_checked_before_prep_runs(tmp_path, override, expect):
+    """Without the check, a run with no length failed in the rm trainer, after prep had run."""
+    fails_cleanly(tmp_path, override, expect=expect)
+
+
 def test_all_problems_are_reported_at_once(tmp_path):
     cfg = compose_cfg([f"run.dir={tmp_path}", "rm.model.global_batch_size=36", "data.source=hubb"])
     with pytest.raises(ConfigError) as e:
