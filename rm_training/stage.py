@@ -94,8 +94,8 @@ def _settings(rm: RMConfig, device: torch.device) -> LoopSettings:
         raise ValueError("trainer.precision=16 is not supported (no loss scaling); use bf16 or 32")
     return LoopSettings(
         global_batch_size=m.global_batch_size, micro_batch_size=m.micro_batch_size, seed=m.seed,
-        max_epochs=loop.max_epochs, max_steps=loop.max_steps, val_check_interval=max(1, loop.val_check_interval),
-        save_interval=max(1, loop.save_interval), limit_val_batches=loop.limit_val_batches,
+        max_epochs=loop.max_epochs, max_steps=loop.max_steps, val_check_interval=loop.val_check_interval,
+        save_interval=loop.save_interval, limit_val_batches=loop.limit_val_batches,
         gradient_clip_val=loop.gradient_clip_val, train_random_sampler=loop.train_random_sampler,
         val_random_sampler=loop.val_random_sampler, log_every_n_steps=max(1, loop.log_every_n_steps),
         length_grouping_window=m.data.length_grouping_window, max_micro_batch_tokens=m.data.max_micro_batch_tokens,

@@ -145,3 +145,26 @@ def test_torch_profile_rejects_an_empty_range(quickstart, tmp_path):
     with pytest.raises(ValueError, match="start_step <= end_step"):
         rm_training.run(_cfg(quickstart, tmp_path / "bad", "rm.model.torch_profile.enabled=true",
                              "rm.model.torch_profile.start_step=5", "rm.model.torch_profile.end_step=2"))
+
+
+@pytest.mark.parametrize("interval, val_steps, ckpt_steps", [(0, [3], [3]), (2, [2, 3], [2, 3])])
+def test_interval_zero_means_only_at_the_end(tmp_path, interval, val_steps, ckpt_steps):
+    """trainer.rm.val_check_interval / save_interval = 0: validate and checkpoint once, at the end
+    (before, the stage turned 0 into 1, every step, and the trainer itself divided by it)."""
+    import numpy as np
+
+    from rm_training.data import PairDataset
+    from rm_training.trainer import LoopSettings, RMTrainer
+    from tests.test_rm_packing import tiny, write_pairs
+
+    lengths = [(int(a), int(b)) for a, b in np.random.default_rng(2).integers(2, 30, (32, 2))]
+    ds = PairDataset([write_pairs(tmp_path / "d", lengths)], seq_length=32)
+    optim = {"name": "adamw", "lr": 1e-3, "sched": {"name": "CosineAnnealing", "warmup_steps": 0, "min_lr": 1e-4}}
+    s = LoopSettings(global_batch_size=8, micro_batch_size=4, max_steps=3, val_check_interval=interval,
+                     save_interval=interval, save_top_k=5)
+    saved = []
+    tr = RMTrainer(tiny(), optim, s, ds, ds, 0, str(tmp_path / "rm"), torch.device("cpu"),
+                   on_checkpoint=lambda path, best: saved.append(path))
+    tr.fit()
+    assert [r["step"] for r in _rows(tmp_path / "rm" / "metrics.jsonl", "val")] == val_steps
+    assert len(saved) == len(ckpt_steps) and all(f"step={n}" in p for n, p in zip(ckpt_steps, saved)), saved
