@@ -15,6 +15,7 @@ from launcher.config import KitConfig
 from launcher.errors import ConfigError
 from launcher.manifest import DONE, Manifest, artifact_exists, artifact_paths
 from launcher.stages import REGISTRY, shape_artifact
+from launcher.validate import checkpoint_problems
 
 log = logging.getLogger("launcher")
 DEFERRED = "filled at run time from {producer}'s '{artifact}' artifact"
@@ -108,6 +109,8 @@ def _explicit_inputs_exist(cfg: DictConfig, stage: str) -> List[str]:
                     hint = " (a data prefix needs <prefix>.bin and <prefix>.idx)" if inp.key.endswith("data_prefix") \
                         and not str(path).endswith(".jsonl") else ""
                     problems.append(f"{key}: {path} does not exist{hint}")
+                elif inp.artifact == "nemo" and not str(path).startswith("pkg:"):
+                    problems += checkpoint_problems(key, path)
     return problems
 
 

@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from launcher.config import KitConfig
 from launcher.errors import ConfigError, suggest
 from launcher.stages import parse_stage_selection
+from modeling.formats import detect_format
 from rm_training.config import COSINE_SCHEDULE, SCHEDULE_NAMES
 
 log = logging.getLogger("launcher")
@@ -240,7 +241,19 @@ def _files(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
     if {"rm", "ppo"} & set(stages) and _local_path(cfg.model.restore_from_path):
         if not Path(cfg.model.restore_from_path).exists():
             out.append(f"model.restore_from_path={cfg.model.restore_from_path}: no such file or directory")
+        else:
+            out += checkpoint_problems("model.restore_from_path", cfg.model.restore_from_path)
     return out
+
+
+def checkpoint_problems(key: str, path: str) -> List[str]:
+    """An existing path that no checkpoint reader takes (a truncated download, a wrong file): said now,
+    not when the stage loads it after the ones before it ran."""
+    try:
+        detect_format(str(path))
+    except (ValueError, OSError) as e:
+        return [f"{key}={e}"]
+    return []
 
 
 def validate_request(cfg: DictConfig, warn: Optional[Callable[[str], None]] = None) -> List[str]:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-import tarfile
 import tempfile
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from .config import ModelConfig, ModelTokenizerConfig
+from .formats import detect_format
 from .heads import RewardModel, ValueModel, _HeadModel
 from .model import GPTModel
 from .nemo_io import NemoArchive, artifact_name, write_nemo
@@ -41,22 +41,6 @@ def resolve_path(path: str) -> str:
         if os.path.exists(os.path.join(root, rel)):
             return os.path.join(root, rel)
     raise FileNotFoundError(f"{path}: package {pkg!r} has no file {rel!r}")
-
-
-def detect_format(path: str) -> str:
-    if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "model_config.yaml")):
-            return "nemo_dir"
-        if os.path.exists(os.path.join(path, "config.json")):
-            return "hf"
-        raise ValueError(f"{path}: directory is neither an extracted .nemo (model_config.yaml) nor a HF model (config.json)")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    if path.endswith(".gguf"):
-        return "gguf"
-    if tarfile.is_tarfile(path):
-        return "nemo"
-    raise ValueError(f"{path}: not a .nemo archive, .gguf file, or model directory")
 
 
 # --- config <-> model_config.yaml --------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -36,8 +37,9 @@ def cli(*args: str, cwd: Path = ROOT, timeout: float = 600, env: Optional[dict] 
 
 def preset_overrides(preset: str, tmp: Path) -> List[str]:
     """Values a preset leaves to the user (`???`), filled with real local files."""
-    fake_nemo = tmp / "GPT-2B-001_bf16_tp1.nemo"
-    fake_nemo.write_bytes(b"")
+    fake_nemo = tmp / "GPT-2B-001_bf16_tp1.nemo"  # a tar, as validation checks; planning reads no member
+    with tarfile.open(fake_nemo, "w") as t:
+        t.addfile(tarfile.TarInfo("model_config.yaml"))
     return {
         "gpt2b_hh": [f"model.restore_from_path={fake_nemo}"],
         "smollm2_hh": [f"data.path={HH_TEST}"],

@@ -96,6 +96,22 @@ def test_checkpoint_must_exist(tmp_path):
                   expect="GPT-2B.nemo: no such file")
 
 
+def test_a_checkpoint_no_reader_takes_is_refused_before_prep_runs(tmp_path):
+    """A truncated download or a wrong file used to fail when the rm stage loaded it, after prep."""
+    bad = tmp_path / "GPT-2B.nemo"
+    bad.write_bytes(b"<html>404</html>")
+    fails_cleanly(tmp_path, "stage=prep,rm", f"model.restore_from_path={bad}",
+                  expect=f"model.restore_from_path={bad}: not a .nemo archive, .gguf file, or model directory")
+    empty = tmp_path / "ckpt_dir"
+    empty.mkdir()
+    fails_cleanly(tmp_path, f"model.restore_from_path={empty}", expect="neither an extracted .nemo")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"text": "User: hi\\n\\nAssistant:"}\n')
+    fails_cleanly(tmp_path, "stage=ppo", f"ppo.model.data.data_prefix={{train:[{prompts}],validation:[{prompts}],"
+                  f"test:[{prompts}]}}", f"ppo.reward_model.restore_from_path={bad}",
+                  expect=f"ppo.reward_model.restore_from_path={bad}: not a .nemo archive")
+
+
 def test_stage_input_that_no_stage_produces(tmp_path):
     err = fails_cleanly(tmp_path, "stage=rm", expect="stage rm needs 'rm.model.data.data_prefix'")
     assert "run stage prep first" in err
