@@ -11,11 +11,10 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.config import KitConfig
 from launcher.errors import ConfigError
 from launcher.manifest import DONE, Manifest, artifact_exists, artifact_paths
 from launcher.stages import REGISTRY, shape_artifact
-from launcher.validate import checkpoint_problems
+from launcher.validate import checkpoint_problems, schema
 
 log = logging.getLogger("launcher")
 DEFERRED = "filled at run time from {producer}'s '{artifact}' artifact"
@@ -53,7 +52,7 @@ def _digest(obj: Any) -> str:
 
 def load_stage_config(path: Path) -> DictConfig:
     """A stage's config.yaml, typed against the schema again (the runner's side)."""
-    return OmegaConf.merge(OmegaConf.structured(KitConfig), OmegaConf.load(path))
+    return OmegaConf.merge(schema(), OmegaConf.load(path))  # merge copies the cached schema
 
 
 def resolve_inputs(cfg: DictConfig, stage: str, manifest: Manifest, this_run: List[str],
@@ -124,7 +123,7 @@ def make_plan(cfg: DictConfig, stages: List[str], run_dir: Path, force: bool, dr
     fingerprints: Dict[str, str] = {}
     problems: List[str] = []
     for i, stage in enumerate(stages):
-        scfg = OmegaConf.merge(OmegaConf.structured(KitConfig), cfg)  # a private, typed copy
+        scfg = OmegaConf.merge(schema(), cfg)  # a private, typed copy (merge copies the schema)
         scfg.stage = stage
         scfg.run.dir = str(run_dir)
         scfg.run.stage_dir = str(run_dir / stage)
