@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from launcher.errors import ConfigError, suggest
-from launcher.executors import log_tail, processes_per_node, runner_argv
+from launcher.executors import REPO_ROOT, kit_pythonpath, log_tail, processes_per_node, runner_argv
 from launcher.manifest import Manifest, atomic_write_text, now
 from launcher.plan import StageJob, stage_config_for_run
 from launcher.stages import REGISTRY
@@ -148,7 +148,8 @@ class SlurmExecutor:
                  partition=c.partition, account=c.account, qos=c.qos, mem=c.mem, constraint=c.constraint,
                  cpus_per_task=c.cpus_per_task or (None if gpu else job.cfg.data.workers),
                  exclusive=True if c.exclusive else None, stderr_to_stdout=True, wckey=None,
-                 setup=[f"export {k}={shlex.quote(str(v))}" for k, v in c.env.items()] + list(c.setup),
+                 setup=self._kit_path() + [f"export {k}={shlex.quote(str(v))}" for k, v in c.env.items()]
+                 + list(c.setup),
                  srun_args=self._srun_args(job))
         if gpus:
             p.update(gpus_per_node=gpus) if c.gpu_option == "gpus_per_node" else p.update(gres=f"gpu:{gpus}")
@@ -158,6 +159,13 @@ class SlurmExecutor:
         extra.update({str(k).lstrip("-"): v for k, v in c.sbatch_args.items()})
         p["additional_parameters"] = extra
         return {k: v for k, v in p.items() if v is not None or k == "wckey"}  # wckey: drop submitit's default
+
+    @staticmethod
+    def _kit_path() -> List[str]:
+        """The job runs the checkout that submitted it (see executors.kit_pythonpath)."""
+        if kit_pythonpath() is None:
+            return []
+        return [f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
 
     def _srun_args(self, job: StageJob) -> List[str]:
         c = self.cluster

@@ -166,3 +166,31 @@ def test_a_local_stage_that_checkpointed_on_a_signal_is_recorded_as_stopped(tmp_
     entry = manifest(run_dir)["stages"]["rm"]
     assert entry["status"] == "cancelled" and "resume" in entry["error"], entry
     assert list((run_dir / "rm" / "checkpoints").glob("*")), "a checkpoint was written"
+
+
+def test_stages_run_the_checkout_that_launched_them(tmp_path):
+    """`python <checkout>/launcher/main.py` from any directory: the stage processes import that checkout,
+    not whichever copy of the kit pip installed (here: the one under test), nor fail to import the kit
+    when none is installed (a checkout used without `pip install -e`)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.kit import ROOT
+
+    copy = tmp_path / "other_checkout"
+    for name in ("launcher", "data_prep", "rm_training", "ppo", "modeling", "conf"):
+        shutil.copytree(ROOT / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", copy)
+    marker = tmp_path / "imported_from.txt"
+    with open(copy / "data_prep" / "__init__.py", "a") as f:  # only the copy writes the marker
+        f.write("\nimport os as _os, sys as _sys\n"
+                "if _os.environ.get('KIT_MARKER') and _sys.argv[0].endswith('stage_runner.py'):\n"
+                "    open(_os.environ['KIT_MARKER'], 'w').write(__file__)\n")  # in the stage, not the launcher
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    r = subprocess.run([sys.executable, str(copy / "launcher" / "main.py"), "stage=prep", f"run.dir={tmp_path}/run"],
+                       cwd=elsewhere, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "KIT_MARKER": str(marker)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert marker.read_text() == str(copy / "data_prep" / "__init__.py")
