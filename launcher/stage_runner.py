@@ -67,11 +67,31 @@ def _shutdown_distributed() -> None:
             log.warning("destroy_process_group failed: %s", e)
 
 
+def cpu_threads_per_rank() -> int | None:
+    """torch's intra-op threads for one of LOCAL_WORLD_SIZE ranks on this node: its share of the cores
+    (Slurm's cpus-per-task where given), so the ranks do not oversubscribe them (torch's default gives
+    every process every core: 2 CPU ranks on 2 cores ran 2-3x slower). None: leave torch's default
+    (one rank, or OMP_NUM_THREADS set by the user, which wins as with torchrun)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local <= 1 or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    if os.environ.get("SLURM_CPUS_PER_TASK"):
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // local)
+
+
 def _init_distributed() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     import torch
     import torch.distributed as dist
+
+    threads = cpu_threads_per_rank()
+    if threads is not None:
+        torch.set_num_threads(threads)
+        log.info("%d CPU threads for this rank (%s ranks on this node; OMP_NUM_THREADS overrides)", threads,
+                 os.environ.get("LOCAL_WORLD_SIZE"))
 
     if torch.cuda.is_available():
         # device_id binds this rank's NCCL communicator to its GPU: barriers and collectives never

@@ -116,6 +116,9 @@ def test_two_ddp_processes_match_one(quickstart, tmp_path):
             "rm.model.micro_batch_size=4", "rm.trainer.rm.limit_val_batches=2", f"data.tokenizer.model={prep['tokenizer']}",
             f"rm.model.data.data_prefix={prefixes}", timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    if not os.environ.get("OMP_NUM_THREADS"):  # each rank takes its share of the cores, not all of them
+        share = max(1, len(os.sched_getaffinity(0)) // 2)
+        assert f"{share} CPU threads for this rank (2 ranks on this node" in (run / "rm" / "log.txt").read_text()
     two = json.loads((run / "manifest.json").read_text())["stages"]["rm"]["artifacts"]
     a, b = _rows(one["metrics"], "train"), _rows(two["metrics"], "train")
     assert len(a) == len(b) == 3
