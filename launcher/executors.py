@@ -21,14 +21,11 @@ log = logging.getLogger("launcher")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def kit_pythonpath() -> Optional[str]:
-    """The checkout this launcher runs from, first on the stage processes' PYTHONPATH: they run the code
-    that planned them, whatever the working directory and whichever copy of the kit pip installed (none,
-    or another checkout). None when the kit itself is an installed package."""
-    if not (REPO_ROOT / "pyproject.toml").exists():
-        return None
-    old = os.environ.get("PYTHONPATH")
-    return f"{REPO_ROOT}{os.pathsep}{old}" if old else str(REPO_ROOT)
+def kit_checkout() -> Optional[Path]:
+    """The checkout this launcher runs from, put first on the stage processes' PYTHONPATH: they run the
+    code that planned them, whatever the working directory and whichever copy of the kit pip installed
+    (none, or another checkout). None when the kit itself is an installed package."""
+    return REPO_ROOT if (REPO_ROOT / "pyproject.toml").exists() else None
 
 
 def runner_argv(job: StageJob) -> List[str]:
@@ -69,8 +66,10 @@ class LocalExecutor:
     def _rank_envs(self, stage: str, port: int) -> List[Dict[str, str]]:
         base = {k: str(v) for k, v in self.cluster.env.items()}
         base["PYTHONUNBUFFERED"] = "1"
-        if kit_pythonpath() and "PYTHONPATH" not in base:
-            base["PYTHONPATH"] = kit_pythonpath()
+        checkout = kit_checkout()
+        if checkout and "PYTHONPATH" not in base:
+            base["PYTHONPATH"] = os.pathsep.join([str(checkout)] + ([os.environ["PYTHONPATH"]]
+                                                                    if os.environ.get("PYTHONPATH") else []))
         nproc = processes_per_node(self.cluster, stage)
         if nproc == 1:
             return [base]

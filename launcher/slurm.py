@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from launcher.errors import ConfigError, suggest
-from launcher.executors import REPO_ROOT, kit_pythonpath, log_tail, processes_per_node, runner_argv
+from launcher.executors import kit_checkout, log_tail, processes_per_node, runner_argv
 from launcher.manifest import Manifest, atomic_write_text, now
 from launcher.plan import StageJob, stage_config_for_run
 from launcher.stages import REGISTRY
@@ -162,10 +162,9 @@ class SlurmExecutor:
 
     @staticmethod
     def _kit_path() -> List[str]:
-        """The job runs the checkout that submitted it (see executors.kit_pythonpath)."""
-        if kit_pythonpath() is None:
-            return []
-        return [f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
+        """The job runs the checkout that submitted it (see executors.kit_checkout)."""
+        checkout = kit_checkout()
+        return [f"export PYTHONPATH={shlex.quote(str(checkout))}${{PYTHONPATH:+:$PYTHONPATH}}"] if checkout else []
 
     def _srun_args(self, job: StageJob) -> List[str]:
         c = self.cluster

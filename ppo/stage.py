@@ -25,6 +25,7 @@ from modeling import ModelTokenizerConfig, save_nemo
 from rm_training import distributed as D
 from rm_training.checkpointing import CheckpointManager, PreemptionHandler, load_state, seed_everything
 from rm_training.profiling import StepProfiler
+from rm_training.trainer import every
 from rm_training.metrics import MetricsLogger
 
 from .config import PPOConfig
@@ -171,12 +172,12 @@ def _run(cfg, pcfg, stage_dir, rcfg, loop, device, tmp):
             log.info("step %d/%d  %s", step, max_steps, _fmt(m, ("reward_mean", "kl", "entropy", "value_loss",
                                                                  "clip_fraction", "response_length", "time_generation",
                                                                  "time_scoring", "time_training")))
-            if loop.val_check_interval > 0 and (step % loop.val_check_interval == 0 or step == max_steps):
+            if loop.val_check_interval > 0 and (every(step, loop.val_check_interval) or step == max_steps):
                 last_val = trainer.validate(samples_dir)
                 logger.log(step, last_val, split="val")
                 log.info("step %d validation: %s", step, _fmt(last_val))
             stop = D.all_reduce_max(float(preempt.requested or 0)) > 0
-            if stop or step == max_steps or (loop.save_interval > 0 and step % loop.save_interval == 0):
+            if stop or step == max_steps or every(step, loop.save_interval):
                 save(dict(m, **last_val))
             if stop and step < max_steps:
                 logger.close()

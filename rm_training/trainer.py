@@ -34,10 +34,11 @@ from .progress import Progress
 log = logging.getLogger(__name__)
 
 
-
-def _every(step: int, interval: int) -> bool:
-    """True every `interval` steps; never for 0 (the caller adds the end of training)."""
+def every(step: int, interval: int) -> bool:
+    """True every `interval` steps; never for 0 (the caller adds the end of training). The rm and
+    ppo loops' val_check_interval and save_interval."""
     return interval > 0 and step % interval == 0
+
 
 @dataclass
 class LoopSettings:
@@ -337,13 +338,13 @@ class RMTrainer:
                         self.logger.log(self.step, m, "train")
                     bar.update(m["pairs"], m["tokens"], loss=m["loss"], acc=m["accuracy"])
                     end = self.step == self.max_steps
-                    if self.val_ds is not None and len(self.val_ds) and (_every(self.step, s.val_check_interval) or end):
+                    if self.val_ds is not None and len(self.val_ds) and (every(self.step, s.val_check_interval) or end):
                         v = self.evaluate(self.val_ds, s.limit_val_batches)
                         self.last_val = {"val_loss": v["loss"], "val_accuracy": v["accuracy"]}
                         self.logger.log(self.step, v, "val")
                         log.info("step %d validation: loss %.4f accuracy %.4f margin %.3f", self.step, v["loss"],
                                  v["accuracy"], v["margin"])
-                    if _every(self.step, s.save_interval) or end:
+                    if every(self.step, s.save_interval) or end:
                         self.save_checkpoint()
                         saved_at = self.step
                     stop = D.all_reduce_max(self.preempt.requested or 0, self.device)
