@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from launcher.manifest import Manifest, atomic_write_text, now
 from launcher.plan import StageJob, stage_config_for_run
@@ -119,7 +119,7 @@ class LocalExecutor:
         procs: List[subprocess.Popen] = []
         pumps: List[threading.Thread] = []
         for rank, env in enumerate(envs):
-            logfile = job.stage_dir / ("log.txt" if rank == 0 else f"log_rank{rank}.txt")
+            logfile = _rank_log(job.stage_dir, rank)
             p = subprocess.Popen(self._command(job), env={**os.environ, **env}, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, cwd=os.getcwd())
             procs.append(p)
@@ -128,7 +128,7 @@ class LocalExecutor:
             pumps.append(t)
         manifest.update_stage(job.stage, job_ids=[str(p.pid) for p in procs])
         try:
-            codes = _wait_all(procs)
+            codes, first = _wait_all(procs)
         except KeyboardInterrupt:
             log.warning("interrupted: stopping stage %s", job.stage)
             _stop(procs)
@@ -139,7 +139,8 @@ class LocalExecutor:
         for t in pumps:
             t.join(timeout=10)
         entry = manifest.stage(job.stage)
-        code = next((c for c in codes if c != 0), 0)
+        # the rank that failed first is the cause; the others were stopped because of it
+        code = codes[first] if first is not None else 0
         if code == 0 and entry.get("status") == "succeeded":
             log.info("stage %s: succeeded; artifacts: %s", job.stage, ", ".join(entry.get("artifacts", {})))
             return 0
@@ -149,14 +150,24 @@ class LocalExecutor:
             manifest.update_stage(job.stage, status="cancelled", finished=now(), error=note)
             log.warning("stage %s: stopped after saving a checkpoint; the same command resumes it", job.stage)
             return code
-        if entry.get("status") in ("pending", "running", "succeeded"):
-            # the process died without recording why (killed, out of memory...)
+        if entry.get("status") in ("pending", "running", "succeeded") or first:
+            # the process died without recording why (killed, out of memory...), or a rank other than 0
+            # failed (only rank 0 writes the manifest; stopped by the launcher, it records a cancel)
             reason = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+            if len(procs) > 1 and first is not None:
+                reason = f"rank {first}: {reason}" + ("; the other ranks were stopped" if any(
+                    c != 0 for r, c in enumerate(codes) if r != first) else "")
             manifest.update_stage(job.stage, status="failed", finished=now(), error=reason)
         entry = manifest.stage(job.stage)
-        log.error("stage %s: %s (%s); its log: %s", job.stage, entry.get("status"), entry.get("error"),
-                  job.stage_dir / "log.txt")
+        logfile = _rank_log(job.stage_dir, first or 0)
+        if first:  # only rank 0's output reaches the console: show the end of the failed rank's log
+            log.error("the end of %s:\n%s", logfile, log_tail(logfile).rstrip())
+        log.error("stage %s: %s (%s); its log: %s", job.stage, entry.get("status"), entry.get("error"), logfile)
         return code or 1
+
+
+def _rank_log(stage_dir: Path, rank: int) -> Path:
+    return stage_dir / ("log.txt" if rank == 0 else f"log_rank{rank}.txt")
 
 
 def _pump(proc: subprocess.Popen, logfile: Path, echo: bool) -> None:
@@ -169,14 +180,18 @@ def _pump(proc: subprocess.Popen, logfile: Path, echo: bool) -> None:
                 sys.stdout.flush()
 
 
-def _wait_all(procs: List[subprocess.Popen]) -> List[int]:
-    """Wait for every process; if one fails, stop the others (a dead rank would hang the rest)."""
+def _wait_all(procs: List[subprocess.Popen]) -> Tuple[List[int], Optional[int]]:
+    """Wait for every process; if one fails, stop the others (a dead rank would hang the rest).
+    Returns the exit codes and the rank that failed first (None: all succeeded)."""
     stopping = False
+    first = None
     while True:
         codes = [p.poll() for p in procs]
+        if first is None:
+            first = next((r for r, c in enumerate(codes) if c not in (None, 0)), None)
         if all(c is not None for c in codes):
-            return codes
-        if not stopping and any(c not in (None, 0) for c in codes):
+            return codes, first
+        if not stopping and first is not None:
             stopping = True
             for p in procs:
                 if p.poll() is None:

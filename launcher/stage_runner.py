@@ -204,5 +204,25 @@ def main(argv=None) -> int:
     return run_stage(args.run_dir.resolve(), args.stage, requeue=args.requeue)
 
 
+def _exit(code: int) -> None:
+    """A rank of a distributed stage leaves without the interpreter's teardown. Its work is done and
+    recorded (the manifest, closed logs and checkpoints) and the process group destroyed, but the
+    destructors of torch's communication and thread-pool objects at interpreter exit can still abort
+    a rank (seen in CI: one rank of a finished 2-process run died at exit, the launcher then stopped
+    the other and failed the stage). A single process exits normally."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    except SystemExit as e:  # a stage's own sys.exit(n) or sys.exit("message")
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    _exit(code)

@@ -194,3 +194,34 @@ def test_stages_run_the_checkout_that_launched_them(tmp_path):
                        env={**os.environ, "KIT_MARKER": str(marker)})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert marker.read_text() == str(copy / "data_prep" / "__init__.py")
+
+
+def test_a_failing_rank_is_named_and_its_log_shown(tmp_path):
+    """Rank 1 of 2 exits 3 while rank 0 waits: the launcher stops rank 0 and reports rank 1's exit code
+    and the end of its log (only rank 0 prints to the console), not the signal it sent rank 0 itself."""
+    from tests.kit import ROOT
+
+    run_dir = tmp_path / "run"
+    r = cli("stage=prep,rm", f"run.dir={run_dir}", "data.max_pairs=64", "cluster.processes_per_node=2",
+            f"+cluster.env.PYTHONPATH={ROOT / 'tests' / 'slurm' / 'hooks'}{os.pathsep}{ROOT}",
+            "+cluster.env.KIT_TEST_HOOK=rank1fails:rm", timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 3, out[-3000:]
+    entry = manifest(run_dir)["stages"]["rm"]
+    assert entry["status"] == "failed", entry
+    assert entry["error"] == "rank 1: exit code 3; the other ranks were stopped", entry
+    assert "[hook rank1fails] rank 1 fails here" in out  # rank 1's log, shown by the launcher
+    assert str(run_dir / "rm" / "log_rank1.txt") in out
+
+
+def test_a_finished_rank_does_not_run_the_interpreters_teardown(tmp_path):
+    """A rank whose stage finished leaves with os._exit: a crash in the teardown at interpreter exit
+    (here rank 1's atexit handler aborts) cannot fail a stage whose work is done and recorded."""
+    from tests.kit import ROOT
+
+    run_dir = tmp_path / "run"
+    r = cli("stage=prep,rm", f"run.dir={run_dir}", "data.max_pairs=64", "cluster.processes_per_node=2",
+            f"+cluster.env.PYTHONPATH={ROOT / 'tests' / 'slurm' / 'hooks'}{os.pathsep}{ROOT}",
+            "+cluster.env.KIT_TEST_HOOK=exitcrash:rm", timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert manifest(run_dir)["stages"]["rm"]["status"] == "succeeded"

@@ -7,6 +7,9 @@ them; these wrap the stage entry the runner calls, leaving the runner, the manif
   checkpoint  a training loop with its own SIGUSR1/SIGTERM handler: saves a checkpoint, exits 75;
               on the next attempt it resumes from the checkpoint and finishes, then the real stage
   die         SIGKILL itself: the job ends without the stage recording anything
+  rank1fails  instead of the stage: rank 1 exits 3, the other ranks wait (to be stopped by the launcher)
+  exitcrash   instead of the stage: write a result, then rank 1 aborts in the interpreter's teardown
+              (an atexit handler; what a library's destructor crashing at exit does)
   probe       instead of the stage: check the GPUs and torch.distributed it was given, write probe_<rank>.json
 """
 import os
@@ -54,6 +57,21 @@ if _HOOK:
                         time.sleep(0.1)
             elif _mode == "die":
                 os.kill(os.getpid(), signal.SIGKILL)
+            elif _mode == "rank1fails":
+                if int(os.environ.get("RANK", "0")) == 1:
+                    _say("rank 1 fails here")
+                    raise SystemExit(3)
+                time.sleep(120)
+            elif _mode == "exitcrash":
+                import atexit
+
+                if int(os.environ.get("RANK", "0")) == 1:
+                    atexit.register(lambda: os.kill(os.getpid(), signal.SIGABRT))
+                path = os.path.join(out, "result.txt")
+                os.makedirs(out, exist_ok=True)
+                with open(path, "w") as f:
+                    f.write("done\n")
+                return {"nemo": path}
             elif _mode == "probe":
                 import torch.distributed as dist
 
@@ -74,7 +92,7 @@ if _HOOK:
     def _entry(self):
         if self.name != _stage:
             return _real_entry(self)
-        return _wrap(None if _mode == "probe" else _real_entry(self))
+        return _wrap(None if _mode in ("probe", "rank1fails", "exitcrash") else _real_entry(self))
 
     _stages.Stage.entry = _entry
     sys.modules[__name__].__doc__ = __doc__
