@@ -131,7 +131,7 @@ def state_bytes(trainer):
 def ppo_steps(name, cfg, vocab, opts, batch, prompts, max_len, steps):
     dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
     res = {"config": name, "vocab": vocab, "batch": batch, "max_response": max_len, **opts,
-           "torch_compile": cfg.torch_compile,
+           "torch_compile": cfg.torch_compile, "activation_memory_budget": cfg.activation_memory_budget,
            "prompt_len_mean": statistics.mean(len(p) for p in prompts)}
     if DEV == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -226,7 +226,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip transformers once this much time is spent")
     ap.add_argument("--variant", action="append", default=[],
-                    help="NAME=SIZE:key=val,... an extra run of SIZE with changed options (compile=1, offload=0, "
+                    help="NAME=SIZE:key=val,... an extra run of SIZE with changed options (compile=1, budget=0.7, offload=0, "
                          "actor_mbs, critic_mbs, fwd_mbs, ckpt=1); repeatable")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers generate() comparison")
     ap.add_argument("--mem-cap-gib", type=float, default=0.0,
@@ -256,6 +256,8 @@ def main():
                 cfg = dataclasses.replace(cfg, torch_compile=bool(int(v)))
             elif k == "ckpt":
                 cfg = dataclasses.replace(cfg, activations_checkpointing=bool(int(v)))
+            elif k == "budget":
+                cfg = dataclasses.replace(cfg, activation_memory_budget=float(v))
             elif k == "offload":
                 opts[k] = bool(int(v))
             else:

@@ -228,7 +228,8 @@ def main():
     ap.add_argument("--check", action="store_true", help="packed vs padded rewards on the GPU (bf16)")
     ap.add_argument("--warmup", type=int, default=6, help="untimed steps before timing (compiled runs)")
     ap.add_argument("--profile", type=int, default=0, help="profile this many extra steps of the compiled run")
-    ap.add_argument("--packed", default="", help="BACKEND:TOKENS:WINDOW,... packed runs (compiled)")
+    ap.add_argument("--packed", default="", help="BACKEND:TOKENS:WINDOW[:MEMORY_BUDGET],... packed runs (compiled; "
+                    "MEMORY_BUDGET: torch._functorch.config.activation_memory_budget, default 1)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     lengths = json.load(open(args.lengths))["pairs"]
@@ -269,11 +270,13 @@ def main():
         results["runs"][-1]["compile_and_warmup_s"] = time.perf_counter() - t - results["runs"][-1]["seconds"]
         json.dump(results, open(args.out, "w"), indent=1)
     for spec in filter(None, args.packed.split(",")):
-        backend, tokens, window = spec.split(":")
+        backend, tokens, window, *rest = spec.split(":")
+        budget = float(rest[0]) if rest else 1.0
         model.config.torch_compile = True
         model._compiled_layers = None
         torch._dynamo.reset()  # each variant compiles on its own (and stays under the recompile limit)
-        name = f"ours_packed_{backend}_{tokens}_w{window}"
+        model.config.activation_memory_budget = budget  # model.activation_memory_budget in the kit's config
+        name = f"ours_packed_{backend}_{tokens}_w{window}" + (f"_budget{budget:g}" if rest else "")
         st = LoopSettings(global_batch_size=args.gbs, micro_batch_size=args.gbs, length_grouping_window=int(window),
                           packing=True, packed_tokens=int(tokens), packed_attention=backend, **common)
         t = time.perf_counter()
@@ -281,6 +284,7 @@ def main():
             results["runs"].append(measure(name, model, cfg, ds, st, args.warmup, args.steps, optim_cfg, profile=args.profile))
             results["runs"][-1]["compile_and_warmup_s"] = time.perf_counter() - t - results["runs"][-1]["seconds"]
             results["runs"][-1]["packed_attention"] = backend
+            results["runs"][-1]["activation_memory_budget"] = budget
         except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others
             import traceback
             traceback.print_exc()

@@ -333,6 +333,14 @@ def _loop(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
     return out
 
 
+def _engine(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
+    budget = cfg.model.activation_memory_budget
+    if {"rm", "ppo"} & set(stages) and not 0 < budget <= 1:
+        return [f"model.activation_memory_budget={budget} must be in (0, 1]: the fraction of the activations "
+                "a compiled backward may keep (1 = all)"]
+    return []
+
+
 def validate(cfg: DictConfig, stages: Sequence[str], dry_run: bool = False,
              warn: Optional[Callable[[str], None]] = None) -> None:
     """Raise ConfigError listing every problem found in the composed config.
@@ -349,6 +357,7 @@ def validate(cfg: DictConfig, stages: Sequence[str], dry_run: bool = False,
     problems += _profile(cfg, stages)
     problems += _optim(cfg, stages)
     problems += _loop(cfg, stages)
+    problems += _engine(cfg, stages)
     files = _files(cfg, stages)
     if dry_run:  # a dry run previews a config for another machine: missing files are warnings
         for msg in files:

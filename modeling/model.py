@@ -135,6 +135,9 @@ class GPTModel(nn.Module):
                 if hasattr(torch._dynamo.config, knob):
                     setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
             self._compiled_layers = [torch.compile(layer) for layer in self.language_model.encoder.layers]
+            budget = self.config.activation_memory_budget
+            if budget < 1.0:
+                self._compiled_layers = [_memory_budget(fn, budget) for fn in self._compiled_layers]
         return self._compiled_layers
 
     # --- bookkeeping ---
@@ -143,6 +146,17 @@ class GPTModel(nn.Module):
         if exclude_embeddings:
             n -= self.language_model.embedding.word_embeddings.weight.numel()
         return n
+
+
+def _memory_budget(fn, budget: float):
+    """Run a compiled block under an activation memory budget: AOTAutograd's partitioner reads it
+    when it splits a (re)compiled graph into forward and backward. Patched per call, not set
+    process-wide, so models of one process (PPO's actor, critic, reward) each keep their own."""
+    def run(*args, **kwargs):
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def build_model(cfg: ModelConfig, vocab_size: Optional[int] = None, *, device=None, dtype=None,

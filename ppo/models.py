@@ -22,6 +22,7 @@ from typing import List, Optional
 import torch
 
 from modeling import ModelConfig, build_model, load_pretrained
+from modeling.config import engine_switches
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,7 @@ def load_actor(mcfg: ModelConfig, vocab_size: int, device, dtype, seed: int):
     """The initial policy: `restore_from_path`, or a random init of the architecture keys with the
     tokenizer's vocab (the tiny quickstart)."""
     if mcfg.restore_from_path:
-        model = load_pretrained(mcfg.restore_from_path, dtype=dtype, device=device,
-                                activations_checkpointing=mcfg.activations_checkpointing,
-                                torch_compile=mcfg.torch_compile)
+        model = load_pretrained(mcfg.restore_from_path, dtype=dtype, device=device, **engine_switches(mcfg))
     else:
         torch.manual_seed(seed)
         model = build_model(mcfg, vocab_size=vocab_size, device=device, dtype=dtype)
@@ -89,9 +88,9 @@ def load_reward(path: str, device, dtype, torch_compile: bool = False):
     return rm.eval().requires_grad_(False)
 
 
-def load_critic(path: str, device, dtype, activations_checkpointing: bool = False, torch_compile: bool = False):
-    return load_pretrained(path, head="value", dtype=dtype, device=device,
-                           activations_checkpointing=activations_checkpointing, torch_compile=torch_compile)
+def load_critic(path: str, device, dtype, **switches):
+    """The value model; `switches`: the engine switches (modeling.config.ENGINE_SWITCHES)."""
+    return load_pretrained(path, head="value", dtype=dtype, device=device, **switches)
 
 
 class MasterWeights:

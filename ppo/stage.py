@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from data_prep.tokenizers import load_tokenizer
 from modeling import ModelTokenizerConfig, save_nemo
+from modeling.config import engine_switches
 from rm_training import distributed as D
 from rm_training.checkpointing import CheckpointManager, PreemptionHandler, load_state, seed_everything
 from rm_training.profiling import StepProfiler
@@ -114,11 +115,10 @@ def _run(cfg, pcfg, stage_dir, rcfg, loop, device, tmp):
     reference = frozen_copy(actor)
     for m in (actor, reference):
         mask_padded_vocab(m, tok.vocab_size)
-    # model.torch_compile / activations_checkpointing (engine switches) apply to all four models
-    # (generation keeps its eager blocks and CUDA graphs either way)
+    # the engine switches (model.torch_compile, activations_checkpointing, activation_memory_budget)
+    # apply to all four models (generation keeps its eager blocks and CUDA graphs either way)
     reward = load_reward(str(rm_path), device, dtype, torch_compile=mcfg.torch_compile)
-    critic = load_critic(str(pcfg.critic.restore_from_path or rm_path), device, dtype, mcfg.activations_checkpointing,
-                         torch_compile=mcfg.torch_compile)
+    critic = load_critic(str(pcfg.critic.restore_from_path or rm_path), device, dtype, **engine_switches(mcfg))
     log.info("models on %s in %s: actor %.1fM params, critic %.1fM, reward %.1fM, reference frozen copy (%.1fs)",
              device, str(dtype).replace("torch.", ""), _m(actor), _m(critic), _m(reward), time.perf_counter() - t0)
 

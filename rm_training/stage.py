@@ -71,9 +71,10 @@ def build_reward_model(model_cfg, vocab_size: int, seed: int):
     """Random init from the architecture keys (vocab = the tokenizer's, padded), or the
     checkpoint at `restore_from_path` with a reward head (fresh unless it has one)."""
     from modeling import RewardModel, load_pretrained
+    from modeling.config import engine_switches
     from modeling.layers import init_weights
 
-    switches = dict(activations_checkpointing=model_cfg.activations_checkpointing, torch_compile=model_cfg.torch_compile)
+    switches = engine_switches(model_cfg)
     if model_cfg.restore_from_path:
         torch.manual_seed(seed)  # the fresh head's init
         return load_pretrained(model_cfg.restore_from_path, head="reward", dtype=torch.float32, **switches)

@@ -153,6 +153,7 @@ def test_bad_optimizer_settings_name_the_key(tmp_path, override, expect):
     ("rm.trainer.rm.save_interval=-1", "rm.trainer.rm.save_interval=-1 must be >= 0"),
     ("rm.trainer.rm.limit_val_batches=-0.5", "rm.trainer.rm.limit_val_batches=-0.5 must be >= 0"),
     ("ppo.trainer.ppo.critic_warmup_steps=-3", "ppo.trainer.ppo.critic_warmup_steps=-3 must be >= 0"),
+    ("model.activation_memory_budget=1.5", "model.activation_memory_budget=1.5 must be in (0, 1]"),
 ])
 def test_run_length_and_intervals_are_checked_before_prep_runs(tmp_path, override, expect):
     """Without the check, a run with no length failed in the rm trainer, after prep had run."""

@@ -302,3 +302,32 @@ def test_loading_a_nemo_unpacks_nothing(tmp_path, tiny_gpt, monkeypatch):
     ids = torch.randint(0, 100, (2, 7))
     with torch.no_grad():
         assert torch.equal(back(ids), tiny_gpt(ids))
+
+
+def test_activation_memory_budget_saves_fewer_activations_for_the_same_gradients():
+    """model.activation_memory_budget < 1: the compiled block's backward keeps fewer bytes of activations
+    (it recomputes the rest) and the outputs and gradients do not change. Inductor on the CPU; the
+    budget is applied per block call, so another model of the process keeps its own."""
+    def run(budget):
+        torch._dynamo.reset()
+        cfg = dataclasses.replace(TINY_GPT, torch_compile=True, activation_memory_budget=budget)
+        torch.manual_seed(0)
+        model = build_model(cfg, vocab_size=256)
+        ids = torch.randint(0, 256, (4, 64))
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(ids)
+        out.float().pow(2).mean().backward()
+        return sum(saved), out.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    full, out_full, grad_full = run(1.0)
+    low, out_low, grad_low = run(0.3)
+    assert torch._functorch.config.activation_memory_budget == 1.0  # not left changed for others
+    assert low < 0.7 * full, (low, full)
+    torch.testing.assert_close(out_low, out_full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_low, grad_full, rtol=1e-5, atol=1e-7)
