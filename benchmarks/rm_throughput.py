@@ -225,6 +225,7 @@ def main():
     ap.add_argument("--skip-padded", action="store_true")
     ap.add_argument("--window", type=int, default=16, help="length_grouping_window (global batches)")
     ap.add_argument("--skip-eager", action="store_true")
+    ap.add_argument("--padded-compile", action="store_true", help="also run (a) pad-to-4096 compiled")
     ap.add_argument("--check", action="store_true", help="packed vs padded rewards on the GPU (bf16)")
     ap.add_argument("--warmup", type=int, default=6, help="untimed steps before timing (compiled runs)")
     ap.add_argument("--profile", type=int, default=0, help="profile this many extra steps of the compiled run")
@@ -261,6 +262,11 @@ def main():
         padded = LoopSettings(global_batch_size=16, micro_batch_size=2, length_grouping_window=0,
                               pad_to_multiple=4096, **common)
         results["runs"].append(measure("a_padded_4096_mbs2", model, cfg, ds, padded, 1, 2, optim_cfg))
+        if args.padded_compile:  # (a) with the same compiled blocks as ours: a fixed shape, compiled once
+            model.config.torch_compile, model._compiled_layers = True, None
+            results["runs"].append(measure("a_padded_4096_mbs2_compiled", model, cfg, ds, padded, 2, 2, optim_cfg))
+            model.config.torch_compile, model._compiled_layers = False, None
+            torch._dynamo.reset()
     json.dump(results, open(args.out, "w"), indent=1)
     if args.compile:
         model.config.torch_compile = True
