@@ -4,7 +4,8 @@
 # its own time limit and a part is skipped when the call's deadline (DEADLINE s) would pass.
 #   bash benchmarks/multi_gpu/call4.sh $OUT
 # Knobs (next call, prepared): FSDP=1 (rm.model.fsdp on every 2-GPU run), FSDP_RUN=1 (one more 2-GPU run
-# with FSDP, after the DDP one), PACK=1 (sequence packing, 16k-token micro-batches), PROFILE=1 (torch.profiler
+# with FSDP, after the DDP one), PACK=1 (sequence packing, PACK_TOKENS=32768 per micro-batch, memory budget
+# BUDGET=0.7: the preset's setting), PROFILE=1 (torch.profiler
 # trace of steps PROF_A..PROF_B on every rank, copied to $OUT as profile_<run>.tgz), WARMUP (steps excluded
 # from throughput, default 10), SKIP_PPO=1, SKIP_FP32=1, STEPS.
 #   PACK=1 PROFILE=1 FSDP_RUN=1 STEPS=50 WARMUP=25 SKIP_PPO=1 SKIP_FP32=1 NOPROBE=1 bash benchmarks/multi_gpu/call4.sh $OUT
@@ -28,7 +29,9 @@ RM=(rm.model.optim.lr=9e-6 rm.model.optim.weight_decay=0.1 rm.model.optim.sched.
     rm.model.data.max_micro_batch_tokens=16384 rm.model.data.length_grouping_window=64
     rm.trainer.rm.max_steps=$STEPS rm.trainer.rm.val_check_interval=$STEPS rm.trainer.rm.save_interval=$STEPS
     rm.trainer.rm.limit_val_batches=4 rm.exp_manager.checkpoint_callback_params.always_save_nemo=false)
-[ -n "${PACK:-}" ] && RM+=(rm.model.data.packing=true rm.model.data.packed_tokens=16384)
+# the gpt2b_hh preset's packing since 2026-12-01: 32k-token packs within 62 GiB thanks to the memory budget
+[ -n "${PACK:-}" ] && RM+=(rm.model.data.packing=true rm.model.data.packed_tokens=${PACK_TOKENS:-32768}
+                           model.activation_memory_budget=${BUDGET:-0.7})
 [ -n "${FSDP:-}" ] && RM+=(rm.model.fsdp=true)   # only the multi-process runs shard; 1 process stays plain
 [ -n "${PROFILE:-}" ] && RM+=(rm.model.torch_profile.enabled=true rm.model.torch_profile.start_step=${PROF_A:-40}
                               rm.model.torch_profile.end_step=${PROF_B:-41} "rm.model.torch_profile.ranks=[0,1]")
