@@ -7,6 +7,7 @@ State-dict keys are legacy Megatron names without NeMo's leading `model.`:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Optional
 
@@ -102,11 +103,17 @@ class GPTModel(nn.Module):
         eager = cache is not None or (documents is not None and documents.backend == "flex")
         layers = lm.encoder.layers if eager else self._layer_fns()
         ckpt = self.config.activations_checkpointing and self.training and torch.is_grad_enabled()
-        for i, layer in enumerate(layers):
-            if ckpt:
-                x = checkpoint(layer, x, rope, attn_mask, use_reentrant=False)
-            else:
-                x = layer(x, rope, attn_mask, cache, i)
+        # AOTAutograd's partitioner reads the activation memory budget when a block (re)compiles:
+        # patched for this pass, not set process-wide, so models of one process keep their own
+        budget = self.config.activation_memory_budget
+        patch = torch._functorch.config.patch(activation_memory_budget=budget) if not eager and budget < 1.0 \
+            and self.config.torch_compile else contextlib.nullcontext()
+        with patch:
+            for i, layer in enumerate(layers):
+                if ckpt:
+                    x = checkpoint(layer, x, rope, attn_mask, use_reentrant=False)
+                else:
+                    x = layer(x, rope, attn_mask, cache, i)
         return lm.encoder.final_layernorm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -135,9 +142,6 @@ class GPTModel(nn.Module):
                 if hasattr(torch._dynamo.config, knob):
                     setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
             self._compiled_layers = [torch.compile(layer) for layer in self.language_model.encoder.layers]
-            budget = self.config.activation_memory_budget
-            if budget < 1.0:
-                self._compiled_layers = [_memory_budget(fn, budget) for fn in self._compiled_layers]
         return self._compiled_layers
 
     # --- bookkeeping ---
@@ -146,17 +150,6 @@ class GPTModel(nn.Module):
         if exclude_embeddings:
             n -= self.language_model.embedding.word_embeddings.weight.numel()
         return n
-
-
-def _memory_budget(fn, budget: float):
-    """Run a compiled block under an activation memory budget: AOTAutograd's partitioner reads it
-    when it splits a (re)compiled graph into forward and backward. Patched per call, not set
-    process-wide, so models of one process (PPO's actor, critic, reward) each keep their own."""
-    def run(*args, **kwargs):
-        with torch._functorch.config.patch(activation_memory_budget=budget):
-            return fn(*args, **kwargs)
-
-    return run
 
 
 def build_model(cfg: ModelConfig, vocab_size: Optional[int] = None, *, device=None, dtype=None,

@@ -161,8 +161,8 @@ class PPOTrainer:
         metrics["value_loss"] = metrics.pop("critic_loss")
         metrics["clip_fraction"] = metrics.pop("actor_clip_fraction")
         metrics["entropy"] = self._entropy(batch)
-        if self.device.type == "cuda":  # this rank's peak so far: what decides whether a setting fits
-            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.device.type == "cuda":
+            metrics["peak_mem_gib"] = D.peak_memory_gib(self.device)
         return metrics
 
     @torch.no_grad()

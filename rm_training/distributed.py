@@ -139,6 +139,11 @@ def all_reduce_mean(values: Mapping[str, float], device: Optional[torch.device] 
     return {k: v / n for k, v in all_reduce_sum(values, device).items()}
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """This rank's peak memory so far on a CUDA device: what decides whether a setting fits."""
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
 def all_reduce_max(value: float, device: Optional[torch.device] = None) -> float:
     if not is_dist():
         return float(value)

@@ -191,8 +191,8 @@ class RMTrainer:
         m.update(lr=lr, grad_norm=float(grad_norm), tokens=real, padding_efficiency=real / max(padded, 1),
                  pairs_per_s=m["pairs"] / dt, tokens_per_s=real / dt, step_time=dt,
                  epoch=step // self.steps_per_epoch, consumed_samples=(step + 1) * s.global_batch_size)
-        if self.device.type == "cuda":  # this rank's peak so far: what decides whether a setting fits
-            m["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.device.type == "cuda":
+            m["peak_mem_gib"] = D.peak_memory_gib(self.device)
         return m
 
     # --- evaluation ---------------------------------------------------------------------------
