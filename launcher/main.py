@@ -55,6 +55,8 @@ def launch(cfg: DictConfig) -> int:
     manifest.record_command()
     todo = []
     for job in jobs:
+        for note in job.notes:
+            log.info("stage %s: %s", job.stage, note)
         if job.up_to_date:
             log.info("stage %s: up to date (recorded artifacts exist, same config); skipping. force=true re-runs it",
                      job.stage)

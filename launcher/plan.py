@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.errors import ConfigError
+from launcher.schedules import check_stage
 from launcher.manifest import DONE, Manifest, artifact_exists, artifact_paths
 from launcher.stages import REGISTRY, shape_artifact
 from launcher.validate import checkpoint_problems, schema
@@ -29,6 +30,7 @@ class StageJob:
     up_to_date: bool = False
     deferred: Dict[str, str] = field(default_factory=dict)  # key -> note, for the dry-run render
     after: List[str] = field(default_factory=list)  # stages of this run whose artifacts it needs
+    notes: List[str] = field(default_factory=list)  # what the stage will do (each schedule's shape)
 
     @property
     def stage_dir(self) -> Path:
@@ -43,6 +45,8 @@ class StageJob:
         if self.deferred:
             notes = "".join(f"#   {k}: {v}\n" for k, v in self.deferred.items())
             text = f"# inputs produced by earlier stages of this run:\n{notes}" + text
+        if self.notes:
+            text = "# learning-rate schedules of this run:\n" + "".join(f"#   {n}\n" for n in self.notes) + text
         return text
 
 
@@ -136,6 +140,8 @@ def make_plan(cfg: DictConfig, stages: List[str], run_dir: Path, force: bool, dr
         problems += errs
         for msg in _explicit_inputs_exist(scfg, stage):
             (warn(msg) if dry_run else problems.append(msg))
+        errs, notes = check_stage(scfg, stage, deferred)
+        problems += errs
         spec = REGISTRY[stage]
         known = {**(base.read()["stages"] if base else {}), **recorded}
         upstream = {p: fingerprints.get(p) or known.get(p, {}).get("fingerprint")
@@ -148,7 +154,7 @@ def make_plan(cfg: DictConfig, stages: List[str], run_dir: Path, force: bool, dr
         })
         fingerprints[stage] = fp
         up = not force and not dry_run and manifest.is_up_to_date(stage, fp) and not after
-        jobs.append(StageJob(stage, run_dir, scfg, fp, up_to_date=up, deferred=deferred, after=after))
+        jobs.append(StageJob(stage, run_dir, scfg, fp, up_to_date=up, deferred=deferred, after=after, notes=notes))
     if problems:
         raise ConfigError(problems)
     return jobs

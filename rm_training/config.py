@@ -51,18 +51,19 @@ class ExpManagerConfig:
     checkpoint_callback_params: CheckpointCallbackParams = field(default_factory=CheckpointCallbackParams)
 
 
-# optim.sched.name values rm_training.optim.build_scheduler knows (null = constant); the launcher checks them
-COSINE_SCHEDULE = "CosineAnnealing"
-CONSTANT_SCHEDULES = ("constant", "Constant", "ConstantLR", None)
-SCHEDULE_NAMES = (COSINE_SCHEDULE,) + CONSTANT_SCHEDULES
+# optim.sched.name values the scheduler knows (null = constant); the launcher checks them
+from engine.schedule import COSINE_SCHEDULE, CONSTANT_SCHEDULES, SCHEDULE_NAMES  # noqa: E402,F401
 
 
 @dataclass
 class SchedConfig:
     name: str = "CosineAnnealing"
     warmup_steps: int = 10
-    constant_steps: int = 1000
+    constant_steps: int = 1000  # NeMo: min_lr held for this many steps at the END of the schedule
     min_lr: float = 9e-7
+    # the launcher refuses a schedule that would sit at min_lr for most of the run (engine/schedule.py);
+    # true = run it as it is
+    allow_min_lr_hold: bool = False
 
 
 @dataclass

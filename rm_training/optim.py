@@ -10,14 +10,13 @@ stages both use it).
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Iterable, List, Union
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from .config import CONSTANT_SCHEDULES, COSINE_SCHEDULE
+from engine.schedule import CONSTANT_SCHEDULES, COSINE_SCHEDULE, constant_lr, cosine_lr
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +96,8 @@ class CosineAnnealing(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def lr_at(self, step: int, base_lr: float) -> float:
-        if self.warmup_steps > 0 and step <= self.warmup_steps:
-            return base_lr * (step + 1) / (self.warmup_steps + 1)
-        if self.constant_steps > 0 and self.warmup_steps + self.decay_steps < step <= self.max_steps:
-            return self.min_lr
-        if step > self.max_steps:
-            return self.min_lr
-        if self.constant_steps == 0:
-            span = max(1, self.max_steps - self.warmup_steps)
-            mult = 0.5 * (1 + math.cos(math.pi * (step - self.warmup_steps) / span))
-            return (base_lr - self.min_lr) * mult + self.min_lr
-        ratio = (step - self.warmup_steps) / max(1, self.decay_steps)
-        return self.min_lr + 0.5 * (math.cos(math.pi * ratio) + 1.0) * (base_lr - self.min_lr)
+        return cosine_lr(step, base_lr, max_steps=self.max_steps, warmup_steps=self.warmup_steps,
+                         constant_steps=self.constant_steps, min_lr=self.min_lr)
 
     def get_lr(self):
         return [self.lr_at(self.last_epoch, base) for base in self.base_lrs]
@@ -122,9 +111,7 @@ class ConstantLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self):
-        s = self.last_epoch
-        f = (s + 1) / (self.warmup_steps + 1) if self.warmup_steps > 0 and s <= self.warmup_steps else 1.0
-        return [base * f for base in self.base_lrs]
+        return [constant_lr(self.last_epoch, base, warmup_steps=self.warmup_steps) for base in self.base_lrs]
 
 
 def build_scheduler(optimizer, optim_cfg, max_steps: int) -> LRScheduler:

@@ -106,6 +106,18 @@ def _settings(rm: RMConfig, device: torch.device) -> LoopSettings:
         torch_profile=m.torch_profile, fsdp=m.fsdp)
 
 
+def _check_schedule(rm: RMConfig, pairs: int) -> None:
+    """The launcher's schedule rule again, with the real pair count (hub data, or a stage run by hand)."""
+    from engine.schedule import check_run
+
+    m, t = rm.model, rm.trainer.rm
+    lengths = [x for x in (t.max_epochs * (pairs // m.global_batch_size) if t.max_epochs and t.max_epochs > 0 else None,
+                           t.max_steps if t.max_steps and t.max_steps > 0 else None) if x is not None]
+    if lengths and min(lengths) > 0:
+        check_run("rm.model.optim", m.optim, min(lengths), f"{pairs} pairs / global_batch_size {m.global_batch_size} "
+                  f"x max_epochs {t.max_epochs}, max_steps {t.max_steps}", log)
+
+
 def run(cfg) -> dict:
     rm: RMConfig = _typed(cfg.rm, RMConfig)
     from modeling.config import ModelConfig, ModelTokenizerConfig
@@ -132,6 +144,7 @@ def run(cfg) -> dict:
         raise ValueError("rm.model.data.data_prefix.train is empty: run the prep stage or set it")
     if val is None:
         log.warning("no validation data: val_loss cannot be monitored; top-k keeps the newest checkpoints")
+    _check_schedule(rm, len(train))
 
     model = build_reward_model(model_cfg, tok.vocab_size, seed)
     model.config.tokenizer = ModelTokenizerConfig(library=tok.library, model=None)
