@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 START_PROMPT_FORMAT = "User: {body}\n\nAssistant: {response}"
 PROMPT_CONTINUATION_FORMAT = "{text}\n\nUser: {body}\n\nAssistant: {response}"
+# where the user's next turn begins in that format: a policy that writes it has ended its own turn
+NEXT_TURN_MARKER = "\n\nUser:"
 
 
 def convert_string_format(string: str) -> Optional[Tuple[str, str]]:

@@ -22,6 +22,9 @@ LIBRARIES = ("sentencepiece", "huggingface", "nemo")
 _EOS_NAMES = ("</s>", "<|endoftext|>", "<|im_end|>", "<eos>", "<|end_of_text|>", "[SEP]")
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|im_start|>", "[CLS]")
 _PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
+# tokens that end a chat turn or a document, for the default end strings of generation
+END_OF_TURN_NAMES = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
+                     "</s>", "<extra_id_1>")
 
 
 class SentencePieceTokenizer:
@@ -37,6 +40,12 @@ class SentencePieceTokenizer:
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         # NeMo pads with EOS when the model has no pad piece
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+        self.eos_token = self.sp.id_to_piece(self.eos_id) if self.eos_id >= 0 else None
+
+    def token_id(self, piece: str) -> Optional[int]:
+        """The id of a whole piece of the vocabulary (a special token such as "<extra_id_1>"), else None."""
+        i = self.sp.piece_to_id(piece)
+        return i if 0 <= i < self.vocab_size and self.sp.id_to_piece(i) == piece and i != self.sp.unk_id() else None
 
     def encode(self, text: str) -> List[int]:
         return self.sp.encode(text)
@@ -71,6 +80,10 @@ class HuggingFaceTokenizer:
         self.eos_id = tok.token_to_id(self.eos_token)
         self.bos_id = tok.token_to_id(self.bos_token) if self.bos_token else None
         self.pad_id = tok.token_to_id(self.pad_token) if self.pad_token else self.eos_id
+
+    def token_id(self, token: str) -> Optional[int]:
+        """The id of a whole token of the vocabulary (a special token such as "<|im_end|>"), else None."""
+        return self.tok.token_to_id(token)
 
     @classmethod
     def from_file(cls, path: str) -> "HuggingFaceTokenizer":

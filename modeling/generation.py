@@ -60,6 +60,7 @@ class GenerationOutput:
     lengths: torch.Tensor  # [B] prompt + generated
     prompt_lengths: torch.Tensor  # [B]
     logprobs: Optional[torch.Tensor] = None  # [B, same as tokens]: log p(token) under the raw logits, 0 elsewhere
+    ended: Optional[torch.Tensor] = None  # [B] bool: the row stopped at an end token or end string (not max_length)
 
 
 def pad_prompts(prompts, lengths=None, pad_id: int = 0, device=None):
@@ -210,15 +211,20 @@ def generate(model: GPTModel, prompts: Union[Sequence[Sequence[int]], torch.Tens
             pos = pos + 1
     finally:
         model.train(was_training)
-    return GenerationOutput(out, plen + n_gen, plen, lp)
+    return GenerationOutput(out, plen + n_gen, plen, lp, done)
 
 
 def _ends_with(out, plen, n_gen, done, end_strings, detokenize) -> torch.Tensor:
+    """Rows whose generated text now ends with an end string. Only the last few tokens are decoded
+    (a token carries at least one byte, so len(string) + 4 tokens hold the string): decoding every
+    row's whole response at every step made long rollouts quadratic."""
     flags = torch.zeros_like(done)
+    tail = max(len(s.encode("utf-8")) for s in end_strings) + 4
     o, pl, ng, dn = out.tolist(), plen.tolist(), n_gen.tolist(), done.tolist()
     for i in range(len(o)):
         if dn[i]:
             continue
-        text = detokenize(o[i][pl[i]: pl[i] + ng[i]])
+        end = pl[i] + ng[i]
+        text = detokenize(o[i][max(pl[i], end - tail): end])
         flags[i] = any(text.endswith(s) for s in end_strings)
     return flags

@@ -10,9 +10,13 @@ from rm_training.config import (CheckpointCallbackParams, ExpManagerConfig, Opti
 
 @dataclass
 class AdaptiveKLConfig:
+    """Steer the KL coefficient toward `target` nats per response: after each PPO step
+    beta *= exp(clip(log(KL / target), -1, 1) / horizon), so `horizon` is the number of PPO steps over
+    which the coefficient closes the gap (log-space; at most e^(1/horizon) per step). A unit users think
+    in: TRL's and Ziegler et al.'s horizon counts samples, the same as horizon x num_rollout_samples."""
     enable: bool = False
     target: float = 6.0
-    horizon: int = 10000
+    horizon: float = 5.0  # PPO steps
 
 
 @dataclass
@@ -47,7 +51,9 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
-    end_strings: List[str] = field(default_factory=lambda: ["<|endoftext|>", "<extra_id_1>"])
+    # null = the tokenizer's EOS and end-of-turn tokens and HH's next turn "\n\nUser:" (ppo/rollout.py);
+    # `\n` in a string is a newline (from YAML and from the command line alike)
+    end_strings: Optional[List[str]] = None
 
 
 @dataclass
@@ -68,6 +74,8 @@ class ActorPPOConfig:
     entropy_bonus: float = 0.0
     ratio_eps: float = 0.2
     offload_idle_models: bool = False
+    # TRL's key: a response cut at max_length without an end string loses this much reward (null = none)
+    missing_eos_penalty: Optional[float] = None
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
     length_params: LengthParams = field(default_factory=LengthParams)
 

@@ -7,6 +7,7 @@ response tokens (an end token, when sampled, included: it is an action too).
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, fields
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
@@ -29,6 +30,7 @@ class RolloutBatch:
     rewards: Optional[torch.Tensor] = None  # [B] after reward standardization
     advantages: Optional[torch.Tensor] = None  # [B, S-1]
     returns: Optional[torch.Tensor] = None  # [B, S-1]
+    ended: Optional[torch.Tensor] = None  # [B] bool: stopped at an end token/string (else cut at max_length)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -72,15 +74,43 @@ def micro_batches(n: int, size: int) -> Iterator[List[int]]:
         yield list(range(i, min(n, i + size)))
 
 
-class EndCondition:
-    """NeMo's end_strings split into token ids (strings that are one token: checked on the GPU
-    every step) and the rest (checked on the detokenized text, a host sync per step)."""
+_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\r": "\r", "\\\\": "\\"}
 
-    def __init__(self, tokenizer, end_strings: Sequence[str]):
+
+def unescape(text: str) -> str:
+    """`\\n`, `\\t`, `\\r` and `\\\\` in an end string as the characters they name: Hydra's command line
+    keeps a backslash-n as two characters (and so does single-quoted YAML), so
+    `end_strings=["\\n\\nUser:"]` means a blank line then "User:" wherever it is written."""
+    return re.sub(r"\\[ntr\\]", lambda m: _ESCAPES[m.group()], text)
+
+
+def default_end_strings(tokenizer) -> List[str]:
+    """What ends a response when `sampling_params.end_strings` is null: the tokenizer's EOS and the
+    end-of-turn tokens its vocabulary has (SmolLM2: <|im_end|>, <|endoftext|>; GPT-2B-001's
+    sentencepiece: <extra_id_1>, NeMo's turn marker), and the HH prompt format's next user turn
+    ("\\n\\nUser:", data_prep.hh): a policy that starts the user's turn has finished its own."""
+    from data_prep.hh import NEXT_TURN_MARKER
+    from data_prep.tokenizers import END_OF_TURN_NAMES
+
+    lookup = getattr(tokenizer, "token_id", None)
+    names = [getattr(tokenizer, "eos_token", None), *END_OF_TURN_NAMES]
+    out = [n for n in dict.fromkeys(names) if n and lookup is not None and lookup(n) is not None]
+    return out + [NEXT_TURN_MARKER]
+
+
+class EndCondition:
+    """NeMo's end_strings split into token ids (special tokens and strings that are one token: checked
+    on the GPU every step) and the rest (checked on the detokenized text, a host sync per step).
+    `end_strings` None = `default_end_strings(tokenizer)`."""
+
+    def __init__(self, tokenizer, end_strings: Optional[Sequence[str]]):
+        self.end_strings = default_end_strings(tokenizer) if end_strings is None else [unescape(s) for s in end_strings]
         self.token_ids, self.strings = [], []
-        for s in end_strings or ():
-            ids = tokenizer.encode(s)
-            if len(ids) == 1 and tokenizer.decode(ids) == s:
+        lookup = getattr(tokenizer, "token_id", None)
+        for s in self.end_strings:
+            tid = lookup(s) if lookup is not None and s.startswith("<") else None
+            ids = [tid] if tid is not None else tokenizer.encode(s)
+            if len(ids) == 1 and (tid is not None or tokenizer.decode(ids) == s):
                 self.token_ids.append(ids[0])
             else:
                 self.strings.append(s)
@@ -92,7 +122,7 @@ def generate_responses(actor, prompts: List[List[int]], *, micro_batch_size: int
                        greedy: Optional[bool] = None) -> RolloutBatch:
     """Sample one response per prompt, `micro_batch_size` prompts per generate() call."""
     dev = next(actor.parameters()).device
-    seqs, plens, lens = [], [], []
+    seqs, plens, lens, ended = [], [], [], []
     for mb in micro_batches(len(prompts), micro_batch_size):
         out = generate(actor, [prompts[i] for i in mb], max_length=length.max_length, min_length=length.min_length,
                        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
@@ -103,9 +133,10 @@ def generate_responses(actor, prompts: List[List[int]], *, micro_batch_size: int
             seqs.append(row[:ln])
         plens.append(out.prompt_lengths)
         lens.append(out.lengths)
+        ended.append(out.ended)
     tokens = pad_sequences(seqs, pad_id, dev)
     lengths, plen = torch.cat(lens), torch.cat(plens)
-    return RolloutBatch(tokens, lengths, plen, response_mask(plen, lengths, tokens.shape[1] - 1))
+    return RolloutBatch(tokens, lengths, plen, response_mask(plen, lengths, tokens.shape[1] - 1), ended=torch.cat(ended))
 
 
 # --- forward passes --------------------------------------------------------------------------
@@ -146,7 +177,7 @@ def token_values(critic, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 
 @torch.no_grad()
 def score(batch: RolloutBatch, *, actor, reference, critic, reward, micro_batch_size: int,
-          standardize=None, timers: Optional[Dict[str, float]] = None, sync=lambda: None) -> RolloutBatch:
+          standardize=None, missing_eos_penalty: Optional[float] = None, timers: Optional[Dict[str, float]] = None, sync=lambda: None) -> RolloutBatch:
     """Fill logprobs, ref_logprobs, values, scores and rewards, `micro_batch_size` rows at a time
     (each micro-batch trimmed to its longest sequence)."""
     n, width = len(batch), batch.mask.shape[1]
@@ -176,5 +207,9 @@ def score(batch: RolloutBatch, *, actor, reference, critic, reward, micro_batch_
     rewards = scores
     if standardize is not None and standardize.enable:
         rewards = (scores - standardize.mean) / standardize.std
+    if missing_eos_penalty and batch.ended is not None:
+        # TRL's missing_eos_penalty: a response cut at max_length (no end token or end string) loses this
+        # much reward, so a reward model that pays for length cannot be gamed by never stopping
+        rewards = rewards - float(missing_eos_penalty) * (~batch.ended).to(rewards.dtype)
     batch.rewards = rewards
     return batch

@@ -35,7 +35,8 @@ from .models import compute_dtype, frozen_copy, mask_padded_vocab, load_actor, l
 from .trainer import PPOTrainer
 
 log = logging.getLogger("ppo")
-PLOT_KEYS = ("val_reward_mean", "reward_mean", "kl", "entropy", "clip_fraction", "value_loss")
+PLOT_KEYS = ("reward_mean", "kl", "kl_per_token", "kl_coef", "cut_at_max_length", "response_length",
+             "entropy", "clip_fraction", "value_loss")
 TIME_KEYS = ("time_generation", "time_scoring", "time_training", "response_length")
 # keys that may change between a run and its resumption (more steps, other logging)
 _RESUMABLE_CHANGES = ("max_steps", "max_epochs", "val_check_interval", "save_interval", "exp_manager")
@@ -136,6 +137,7 @@ def _run(cfg, pcfg, stage_dir, rcfg, loop, device, tmp):
     max_steps = loop.max_steps if loop.max_steps and loop.max_steps > 0 else \
         loop.max_epochs * math.ceil(len(train) / n)
     log.info("%d train prompts, %d validation prompts; %d steps of %d rollouts", len(train), len(val), max_steps, n)
+    _check_schedules(pcfg, max_steps)
 
     trainer = PPOTrainer(pcfg, actor=actor, reference=reference, reward=reward, critic=critic, tokenizer=tok,
                          train_data=train, val_data=val, device=device, max_steps=max_steps, stage_dir=stage_dir,
@@ -169,13 +171,16 @@ def _run(cfg, pcfg, stage_dir, rcfg, loop, device, tmp):
             step = trainer.step
             prof.after(step)
             logger.log(step, m, split="train")
-            log.info("step %d/%d  %s", step, max_steps, _fmt(m, ("reward_mean", "kl", "entropy", "value_loss",
+            log.info("step %d/%d  %s", step, max_steps, _fmt(m, ("reward_mean", "kl", "kl_coef", "cut_at_max_length",
+                                                                 "entropy", "value_loss",
                                                                  "clip_fraction", "response_length", "time_generation",
                                                                  "time_scoring", "time_training")))
             if loop.val_check_interval > 0 and (every(step, loop.val_check_interval) or step == max_steps):
                 last_val = trainer.validate(samples_dir)
                 logger.log(step, last_val, split="val")
                 log.info("step %d validation: %s", step, _fmt(last_val))
+                if D.is_main() and step < max_steps:  # curves on disk while it runs (the end is plotted below)
+                    logger.plot(PLOT_KEYS, title="PPO")
             stop = D.all_reduce_max(float(preempt.requested or 0)) > 0
             if stop or step == max_steps or every(step, loop.save_interval):
                 save(dict(m, **last_val))
@@ -204,6 +209,18 @@ def _run(cfg, pcfg, stage_dir, rcfg, loop, device, tmp):
     logger.close()
     D.barrier()
     return artifacts
+
+
+def _check_schedules(pcfg: PPOConfig, max_steps: int) -> None:
+    """The launcher's schedule rule again, with the real run length (as PPOTrainer counts optimizer steps)."""
+    from engine.schedule import check_run
+
+    r, warm = pcfg.model.ppo, pcfg.trainer.ppo.critic_warmup_steps
+    for key, section, skip in (("ppo.model.optim", pcfg.model, warm), ("ppo.critic.optim", pcfg.critic, 0)):
+        per = max(1, r.num_rollout_samples // section.global_batch_size)
+        check_run(key, section.optim, max(1, max_steps - skip) * r.ppo_epochs * per,
+                  f"{max_steps} PPO steps x ppo_epochs {r.ppo_epochs} x {per} optimizer steps of "
+                  f"{section.global_batch_size} rollouts", log)
 
 
 def _maybe_resume(trainer: PPOTrainer, pcfg, ckpt_dir: str, digest: str) -> bool:

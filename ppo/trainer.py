@@ -52,6 +52,9 @@ class PPOTrainer:
         self.kl_ctl = A.AdaptiveKLController(self.loop.initial_policy_kl_penalty,
                                              ak.target if ak.enable else None, ak.horizon)
         self.end = EndCondition(tokenizer, self.rcfg.sampling_params.end_strings)
+        log.info("responses end at %s (ppo.model.ppo.sampling_params.end_strings%s) or after %d tokens",
+                 self.end.end_strings, ": null = the tokenizer's and the prompt format's" if
+                 self.rcfg.sampling_params.end_strings is None else "", self.rcfg.length_params.max_length)
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
         seed = pcfg.model.seed
         self.sample_gen = torch.Generator(device=device).manual_seed(seed * 1000 + self.rank)
@@ -86,7 +89,8 @@ class PPOTrainer:
             self.offloader.wait()
         score(batch, actor=self.actor_model, reference=self.reference, critic=self.critic_model, reward=self.reward,
               micro_batch_size=self.rcfg.forward_micro_batch_size,
-              standardize=self.cfg.critic.reward_standardization, timers=timers, sync=self._sync)
+              standardize=self.cfg.critic.reward_standardization, missing_eos_penalty=self.rcfg.missing_eos_penalty,
+              timers=timers, sync=self._sync)
         return batch
 
     def _advantages(self, batch: RolloutBatch) -> Dict[str, float]:
@@ -99,17 +103,21 @@ class PPOTrainer:
         return {"explained_variance": A.explained_variance(batch.values, ret, batch.mask, self.reducer)}
 
     def _stats(self, batch: RolloutBatch, prefix: str = "") -> Dict[str, float]:
-        """Rollout statistics, reduced over ranks: reward mean/std, per-sequence KL, lengths."""
+        """Rollout statistics, reduced over ranks: reward (the reward model's score) mean/std, KL per
+        response and per token, lengths, and the share of responses cut at max_length (no end)."""
         kl_seq = ((batch.logprobs - batch.ref_logprobs) * batch.mask).sum(-1)
         resp = (batch.lengths - batch.prompt_lengths).float()
+        cut = (~batch.ended).float() if batch.ended is not None else torch.zeros_like(resp)
         s = {"n": float(len(batch)), "r": float(batch.scores.sum()), "r2": float((batch.scores ** 2).sum()),
-             "kl": float(kl_seq.sum()), "len": float(resp.sum()), "plen": float(batch.prompt_lengths.float().sum())}
+             "kl": float(kl_seq.sum()), "len": float(resp.sum()), "plen": float(batch.prompt_lengths.float().sum()),
+             "cut": float(cut.sum())}
         s = D.all_reduce_sum(s)
         n = s["n"]
         mean = s["r"] / n
         return {f"{prefix}reward_mean": mean, f"{prefix}reward_std": math.sqrt(max(s["r2"] / n - mean * mean, 0.0)),
-                f"{prefix}kl": s["kl"] / n, f"{prefix}response_length": s["len"] / n,
-                f"{prefix}prompt_length": s["plen"] / n}
+                f"{prefix}kl": s["kl"] / n, f"{prefix}kl_per_token": s["kl"] / max(s["len"], 1.0),
+                f"{prefix}response_length": s["len"] / n, f"{prefix}prompt_length": s["plen"] / n,
+                f"{prefix}cut_at_max_length": s["cut"] / n}
 
     # --- losses --------------------------------------------------------------------------------
     def _actor_loss(self, model, mb: RolloutBatch):
@@ -145,7 +153,7 @@ class PPOTrainer:
                                                                           seed + 1).items()})
         self._sync()
         timers["training"] = time.perf_counter() - t0
-        self.kl_ctl.update(metrics["kl"], n)
+        self.kl_ctl.update(metrics["kl"])
         self.step += 1
         total = time.perf_counter() - t_start
         gen_tokens = D.all_reduce_sum({"t": float((batch.lengths - batch.prompt_lengths).sum())})["t"]
@@ -201,7 +209,9 @@ class PPOTrainer:
                     toks = batch.tokens[i].tolist()
                     f.write(json.dumps({"step": self.step, "prompt": self.tokenizer.decode(toks[:p]),
                                         "response": self.tokenizer.decode(toks[p:ln]),
-                                        "reward": round(float(batch.scores[i]), 5)}, ensure_ascii=False) + "\n")
+                                        "reward": round(float(batch.scores[i]), 5),
+                                        "ended": bool(batch.ended[i]) if batch.ended is not None else None},
+                                       ensure_ascii=False) + "\n")
         return stats
 
     # --- state -----------------------------------------------------------------------------------

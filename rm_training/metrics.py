@@ -95,7 +95,9 @@ class MetricsLogger:
             ax.set_visible(False)
         for ax, key in zip(axes.flat, keys):
             for split in splits:
-                pts = [(r["step"], r[key]) for r in rows if r.get("split") == split and isinstance(r.get(key), (int, float))]
+                # a split's row may prefix its keys (ppo's val rows: val_reward_mean for reward_mean)
+                pts = [(r["step"], r.get(key, r.get(f"{split}_{key}"))) for r in rows if r.get("split") == split]
+                pts = [(x, y) for x, y in pts if isinstance(y, (int, float))]
                 if pts:
                     xs, ys = zip(*pts)
                     ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=split)

@@ -346,6 +346,8 @@ class RMTrainer:
                         self.logger.log(self.step, v, "val")
                         log.info("step %d validation: loss %.4f accuracy %.4f margin %.3f", self.step, v["loss"],
                                  v["accuracy"], v["margin"])
+                        if D.is_main() and not end:  # curves on disk while it runs (the stage plots the end)
+                            self.logger.plot(["loss", "accuracy"], title="reward model")
                     if every(self.step, s.save_interval) or end:
                         self.save_checkpoint()
                         saved_at = self.step

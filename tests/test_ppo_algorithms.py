@@ -92,9 +92,11 @@ def test_whiten_masked_mean_explained_variance():
 
 def test_entropy_and_adaptive_kl():
     assert entropy_from_logits(torch.zeros(1, 4)).item() == pytest.approx(math.log(4))
-    ctl = AdaptiveKLController(0.1, target=6.0, horizon=100)
-    assert ctl.update(12.0, n=10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))  # error clipped at +0.2
-    assert ctl.update(4.5, n=10) == pytest.approx(0.102 * (1 - 0.2 * 10 / 100))  # 4.5/6 - 1 = -0.25 -> -0.2
-    assert ctl.update(6.6, n=10) == pytest.approx(0.102 * 0.98 * (1 + 0.1 * 10 / 100))  # inside the clip
+    # beta *= exp(clip(log(KL / target), -1, 1) / horizon), horizon in PPO steps
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=4)
+    assert ctl.update(12.0) == pytest.approx(0.1 * 2 ** 0.25)  # twice the target: +19% a step
+    assert ctl.update(3.0) == pytest.approx(0.1)  # half the target: back down by the same factor
+    assert ctl.update(600.0) == pytest.approx(0.1 * math.exp(0.25))  # log-error clipped at 1
+    assert ctl.update(-0.5) == pytest.approx(0.1)  # a negative KL estimate counts as far below the target
     fixed = AdaptiveKLController(0.1, target=None, horizon=100)
     assert fixed.update(100.0, n=10) == 0.1
