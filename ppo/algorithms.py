@@ -130,7 +130,9 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 class AdaptiveKLController:
     """The KL coefficient beta, steered toward `target` nats per response (None: fixed): after each
-    PPO step beta *= exp(clip(log(KL / target), -1, 1) / horizon_steps). Ziegler et al. (2019) use
+    PPO step beta *= exp(clip(log(KL / target), -0.2, 1) / horizon_steps): up to e^(1/horizon) a step
+    when the policy runs away, down by at most e^(-0.2/horizon) while it has not moved yet (so the
+    coefficient is still there when the policy starts to drift). Ziegler et al. (2019) use
     beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon (n samples): at most 0.2 n / horizon a
     step, which with TRL's horizon of 10,000 samples and 64 rollouts a step moves beta by 0.13% a step
     and never reaches the target in a run of a few hundred steps. Here `horizon` counts PPO steps."""
@@ -141,7 +143,7 @@ class AdaptiveKLController:
     def update(self, kl: float, n: int = 0) -> float:
         if self.target is not None and math.isfinite(kl):
             err = math.log(kl / self.target) if kl > 0 else -1.0
-            self.value *= math.exp(min(max(err, -1.0), 1.0) / max(self.horizon, 1e-9))
+            self.value *= math.exp(min(max(err, -0.2), 1.0) / max(self.horizon, 1e-9))
         return self.value
 
     def state_dict(self) -> dict:

@@ -11,8 +11,8 @@ from rm_training.config import (CheckpointCallbackParams, ExpManagerConfig, Opti
 @dataclass
 class AdaptiveKLConfig:
     """Steer the KL coefficient toward `target` nats per response: after each PPO step
-    beta *= exp(clip(log(KL / target), -1, 1) / horizon), so `horizon` is the number of PPO steps over
-    which the coefficient closes the gap (log-space; at most e^(1/horizon) per step). A unit users think
+    beta *= exp(clip(log(KL / target), -0.2, 1) / horizon), so `horizon` is the number of PPO steps over
+    which the coefficient closes the gap (log-space; at most e^(1/horizon) up per step, e^(-0.2/horizon) down). A unit users think
     in: TRL's and Ziegler et al.'s horizon counts samples, the same as horizon x num_rollout_samples."""
     enable: bool = False
     target: float = 6.0

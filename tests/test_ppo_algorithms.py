@@ -92,11 +92,12 @@ def test_whiten_masked_mean_explained_variance():
 
 def test_entropy_and_adaptive_kl():
     assert entropy_from_logits(torch.zeros(1, 4)).item() == pytest.approx(math.log(4))
-    # beta *= exp(clip(log(KL / target), -1, 1) / horizon), horizon in PPO steps
+    # beta *= exp(clip(log(KL / target), -0.2, 1) / horizon), horizon in PPO steps
     ctl = AdaptiveKLController(0.1, target=6.0, horizon=4)
     assert ctl.update(12.0) == pytest.approx(0.1 * 2 ** 0.25)  # twice the target: +19% a step
-    assert ctl.update(3.0) == pytest.approx(0.1)  # half the target: back down by the same factor
-    assert ctl.update(600.0) == pytest.approx(0.1 * math.exp(0.25))  # log-error clipped at 1
-    assert ctl.update(-0.5) == pytest.approx(0.1)  # a negative KL estimate counts as far below the target
+    assert ctl.update(6.0 * math.exp(-0.1)) == pytest.approx(0.1 * 2 ** 0.25 * math.exp(-0.025))  # inside the clip
+    before = ctl.value
+    assert ctl.update(600.0) == pytest.approx(before * math.exp(0.25))  # log-error clipped at 1
+    assert ctl.update(-0.5) == pytest.approx(before * math.exp(0.25 - 0.05))  # KL <= 0: down by the -0.2 clip
     fixed = AdaptiveKLController(0.1, target=None, horizon=100)
     assert fixed.update(100.0, n=10) == 0.1
