@@ -202,7 +202,7 @@ def generate(model: GPTModel, prompts: Union[Sequence[Sequence[int]], torch.Tens
             n_gen += (~done).long()
             if len(ends):
                 done |= torch.isin(nxt, end_t)
-            if end_strings:
+            if end_strings and t + 1 >= min_length:  # min_length holds for end strings as for end tokens
                 done |= _ends_with(out, plen, n_gen, done, end_strings, detokenize)
             if t == max_length - 1 or ((t % 8 == 7 or end_strings) and bool(done.all())):
                 break
