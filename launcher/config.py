@@ -48,6 +48,9 @@ class RunConfig:
     name: str = "quickstart"
     dir: str = "results/${run.name}"
     stage_dir: Optional[str] = None  # set by the launcher for the stage being run
+    # set by the launcher on force=true: this launch's id; a stage then resumes only checkpoints written
+    # under it (a Slurm requeue), never an earlier run's (rm_training/resume.py)
+    force_id: Optional[str] = None
 
 
 @dataclass

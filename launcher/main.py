@@ -51,6 +51,8 @@ def launch(cfg: DictConfig) -> int:
         executor = LocalExecutor(cfg.cluster)
     if cfg.dry_run:
         return _dry_run(jobs, executor, run_dir)
+    if executor.name == "slurm":
+        executor.check_submittable()
     manifest = Manifest(run_dir)
     manifest.record_command()
     todo = []

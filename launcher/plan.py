@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import json
+import os
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -125,12 +128,15 @@ def make_plan(cfg: DictConfig, stages: List[str], run_dir: Path, force: bool, dr
     recorded = manifest.read()["stages"]
     jobs: List[StageJob] = []
     fingerprints: Dict[str, str] = {}
+    force_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{socket.gethostname()}-{os.getpid()}" if force else None
     problems: List[str] = []
     for i, stage in enumerate(stages):
         scfg = OmegaConf.merge(schema(), cfg)  # a private, typed copy (merge copies the schema)
         scfg.stage = stage
         scfg.run.dir = str(run_dir)
         scfg.run.stage_dir = str(run_dir / stage)
+        if force_id:
+            scfg.run.force_id = force_id  # the stage trains from step 0, whatever checkpoints it finds
         for section in ("rm", "ppo"):
             if stage == section and scfg[section].exp_manager.explicit_log_dir is None:
                 scfg[section].exp_manager.explicit_log_dir = str(run_dir / stage)

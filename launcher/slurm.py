@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -138,6 +139,14 @@ class SlurmExecutor:
         if problems:
             raise ConfigError(problems)
 
+    @staticmethod
+    def check_submittable() -> None:
+        """Before anything is written: a submission needs Slurm's commands here (a dry run does not)."""
+        if shutil.which("sbatch") is None:
+            raise ConfigError(["cluster=slurm: Slurm is not installed here (no sbatch on PATH), so nothing "
+                               "can be submitted", "dry_run=true renders each job's batch script without Slurm; "
+                               "cluster=local runs the stages on this machine"])
+
     def parameters(self, job: StageJob) -> Dict:
         """submitit's parameters for one stage (its names; additional_parameters are raw sbatch options)."""
         c = self.cluster
@@ -184,10 +193,14 @@ class SlurmExecutor:
             return " ".join([self.cluster.python] + [shlex.quote(a) for a in argv[1:]])
         return shlex.join(argv)
 
-    def _executor(self, job: StageJob, extra: Optional[Dict] = None):
+    def _executor(self, job: StageJob, extra: Optional[Dict] = None, render_only: bool = False):
         import submitit
 
         class Executor(submitit.SlurmExecutor):  # the same text for the dry run and sbatch, with a note on top
+            @classmethod
+            def affinity(cls) -> int:  # submitit refuses to start without srun: rendering a script needs none
+                return 2 if render_only else super().affinity()
+
             def _make_submission_file_text(self, command: str, uid: str) -> str:
                 text = super()._make_submission_file_text(command, uid)
                 return text.replace("#!/bin/bash\n", f"#!/bin/bash\n{note}\n", 1)
@@ -208,7 +221,7 @@ class SlurmExecutor:
         """The exact batch script submitted for this stage (`%j` becomes the job id)."""
         deps = [f"{s.upper()}_JOB_ID" for s in job.after]
         extra = {"dependency": "afterok:" + ":".join(deps), "kill-on-invalid-dep": "yes"} if deps else {"hold": True}
-        return self._executor(job, extra)._make_submission_file_text(self.command(job), "dry-run")
+        return self._executor(job, extra, render_only=True)._make_submission_file_text(self.command(job), "dry-run")
 
     # ------------------------------------------------------------------ submission
     def run(self, jobs: List[StageJob], manifest: Manifest) -> int:

@@ -7,8 +7,6 @@ samples/step_*.jsonl, checkpoints/ (resume state, `index.json`) and the trained 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -26,6 +24,7 @@ from modeling.config import engine_switches
 from rm_training import distributed as D
 from rm_training.checkpointing import CheckpointManager, PreemptionHandler, load_state, seed_everything
 from rm_training.profiling import StepProfiler
+from rm_training.resume import digest as config_digest, prepare_checkpoint_dir, stage_identity
 from rm_training.trainer import every
 from rm_training.metrics import MetricsLogger
 
@@ -38,8 +37,11 @@ log = logging.getLogger("ppo")
 PLOT_KEYS = ("reward_mean", "kl", "kl_per_token", "kl_coef", "cut_at_max_length", "response_length",
              "entropy", "clip_fraction", "value_loss")
 TIME_KEYS = ("time_generation", "time_scoring", "time_training", "response_length")
-# keys that may change between a run and its resumption (more steps, other logging)
-_RESUMABLE_CHANGES = ("max_steps", "max_epochs", "val_check_interval", "save_interval", "exp_manager")
+# what identifies the ppo stage's training state, and the keys a resumed run may change (more steps,
+# other logging): the rule every training stage shares, rm_training/resume.py
+IDENTITY_SECTIONS = ("model", "ppo", "data.tokenizer")
+RESUMABLE = ("ppo.exp_manager", "ppo.trainer.ppo.max_steps", "ppo.trainer.ppo.max_epochs",
+             "ppo.trainer.ppo.val_check_interval", "ppo.trainer.ppo.save_interval", "ppo.model.torch_profile")
 
 
 def _ppo_config(cfg) -> PPOConfig:
@@ -63,14 +65,6 @@ def _tokenizer_file(tok, tmp: str) -> str:
     if path and not str(path).endswith(".gguf"):
         return path
     return tok.save(tmp)  # a tokenizer read from a .gguf -> its tokenizer.json
-
-
-def _digest(cfg) -> str:
-    d = {"model": OmegaConf.to_container(cfg.model, resolve=True), "ppo": OmegaConf.to_container(cfg.ppo, resolve=True)}
-    d["ppo"].pop("exp_manager", None)
-    for k in _RESUMABLE_CHANGES:
-        d["ppo"].get("trainer", {}).get("ppo", {}).pop(k, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _splits(prefix: Dict) -> Dict[str, list]:
@@ -144,8 +138,12 @@ def _run(cfg, pcfg, stage_dir, rcfg, loop, device, tmp):
                          offload_idle_models=rcfg.offload_idle_models)
     ckpt_params = pcfg.exp_manager.checkpoint_callback_params
     ckpt_dir = os.path.join(stage_dir, "checkpoints")
-    digest = _digest(cfg)
-    resumed = _maybe_resume(trainer, pcfg, ckpt_dir, digest)
+    identity = stage_identity(cfg, IDENTITY_SECTIONS, RESUMABLE)
+    digest = config_digest(identity)
+    if D.is_main():  # checkpoints of another config (or force=true) are moved aside, never resumed
+        prepare_checkpoint_dir(ckpt_dir, identity, pcfg.exp_manager.resume_if_exists, "ppo")
+    D.barrier()
+    resumed = _maybe_resume(trainer, ckpt_dir)
     manager = CheckpointManager(ckpt_dir, monitor=ckpt_params.monitor, mode=ckpt_params.mode,
                                 save_top_k=ckpt_params.save_top_k, filename=ckpt_params.filename) if D.is_main() else None
     logger = MetricsLogger(stage_dir, resume_step=trainer.step if resumed else None)
@@ -223,22 +221,12 @@ def _check_schedules(pcfg: PPOConfig, max_steps: int) -> None:
                   f"{section.global_batch_size} rollouts", log)
 
 
-def _maybe_resume(trainer: PPOTrainer, pcfg, ckpt_dir: str, digest: str) -> bool:
-    if not os.path.isdir(ckpt_dir):
-        return False
+def _maybe_resume(trainer: PPOTrainer, ckpt_dir: str) -> bool:
+    """The newest checkpoint of ckpt_dir, which prepare_checkpoint_dir left only when this config wrote it."""
     latest = CheckpointManager(ckpt_dir).latest()
     if latest is None:
         return False
-    state = load_state(latest, map_location="cpu", restore_rng=False) if pcfg.exp_manager.resume_if_exists else None
-    if state is None or state.get("config_digest") != digest:
-        D.barrier()
-        if D.is_main():
-            old = f"{ckpt_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-            os.replace(ckpt_dir, old)
-            log.warning("checkpoints in %s are from another config (or resume_if_exists=false): moved to %s, "
-                        "starting fresh", ckpt_dir, old)
-        D.barrier()
-        return False
+    state = load_state(latest, map_location="cpu", restore_rng=False)
     trainer.load_state_dict(state)
     from rm_training.checkpointing import set_rng_state
 

@@ -15,9 +15,15 @@ from .checkpointing import seed_everything
 from .config import RMConfig
 from .data import PairDataset
 from .metrics import MetricsLogger
+from .resume import prepare_checkpoint_dir, stage_identity
 from .trainer import LoopSettings, RMTrainer
 
 log = logging.getLogger(__name__)
+# what identifies the rm stage's training state, and the keys a resumed run may change (rm_training/resume.py)
+IDENTITY_SECTIONS = ("model", "rm", "data.tokenizer")
+RESUMABLE = ("rm.exp_manager", "rm.trainer.rm.max_steps", "rm.trainer.rm.max_epochs", "rm.trainer.rm.val_check_interval",
+             "rm.trainer.rm.save_interval", "rm.trainer.rm.log_every_n_steps", "rm.trainer.rm.limit_val_batches",
+             "rm.model.torch_profile")
 
 
 def _typed(section, schema):
@@ -161,6 +167,10 @@ def run(cfg) -> dict:
         if os.path.exists(nemo_for(path)):
             os.remove(nemo_for(path))
 
+    if D.is_main():  # checkpoints of another config (or force=true) are moved aside, never resumed
+        prepare_checkpoint_dir(os.path.join(stage_dir, "checkpoints"), stage_identity(cfg, IDENTITY_SECTIONS, RESUMABLE),
+                               rm.exp_manager.resume_if_exists, "rm")
+    D.barrier()
     settings = _settings(rm, device)
     trainer = RMTrainer(model, rm.model.optim, settings, train, val, pad_id, stage_dir, device,
                         on_checkpoint=on_checkpoint, on_remove=on_remove)

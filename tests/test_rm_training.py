@@ -171,3 +171,27 @@ def test_interval_zero_means_only_at_the_end(tmp_path, interval, val_steps, ckpt
     tr.fit()
     assert [r["step"] for r in _rows(tmp_path / "rm" / "metrics.jsonl", "val")] == val_steps
     assert len(saved) == len(ckpt_steps) and all(f"step={n}" in p for n, p in zip(ckpt_steps, saved)), saved
+
+
+def test_a_changed_key_or_force_retrains_instead_of_resuming(quickstart, tmp_path, caplog):
+    """Issue 18 #1: re-running with rm.model.optim.lr changed resumed the finished run at its last step,
+    trained 0 steps and exported the old weights. Now the old checkpoints are moved aside, named."""
+    import logging
+
+    import rm_training
+    from modeling import load_pretrained
+
+    first = rm_training.run(_cfg(quickstart, tmp_path / "rm"))
+    w0 = load_pretrained(first["nemo"], head="reward").state_dict()
+    with caplog.at_level(logging.INFO):
+        changed = rm_training.run(_cfg(quickstart, tmp_path / "rm", "rm.model.optim.lr=3e-3"))
+    assert "resumed from" not in caplog.text and "rm.model.optim.lr" in caplog.text
+    assert [r["step"] for r in _rows(changed["metrics"], "train")] == [1, 2, 3, 4, 5, 6]
+    w1 = load_pretrained(changed["nemo"], head="reward").state_dict()
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+    assert len(list(tmp_path.glob("rm/checkpoints.old-*"))) == 1
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # force=true: the launcher gives the stage a launch id
+        forced = rm_training.run(_cfg(quickstart, tmp_path / "rm", "rm.model.optim.lr=3e-3", "run.force_id=L1"))
+    assert "force=true" in caplog.text and "resumed from" not in caplog.text
+    assert [r["step"] for r in _rows(forced["metrics"], "train")] == [1, 2, 3, 4, 5, 6]

@@ -90,3 +90,24 @@ def test_a_completing_job_reports_how_it_ended(tmp_path, monkeypatch):
     info = job_info(["3", "4"])
     assert info["3"]["State"] == "CANCELLED by 0"
     assert info["4"]["State"] == "COMPLETING"
+
+
+def test_dry_run_renders_without_slurm_installed(tmp_path):
+    """A new user without Slurm: the dry run still prints each batch script (submitit alone refuses
+    without srun on PATH). PATH holds nothing here, so this also holds where Slurm is installed (CI)."""
+    run, empty = tmp_path / "run", tmp_path / "empty_bin"
+    empty.mkdir()
+    r = cli("stage=all", "dry_run=true", f"run.dir={run}", "cluster=slurm", env={"PATH": str(empty)})
+    assert r.returncode == 0, r.stderr
+    for stage in ("prep", "rm", "ppo"):
+        text = (run / "dry_run" / stage / "submit.sbatch").read_text()
+        assert f"--stage {stage}" in text and "#SBATCH" in text
+
+
+def test_submitting_without_slurm_is_refused_before_anything_is_written(tmp_path):
+    run, empty = tmp_path / "run", tmp_path / "empty_bin"
+    empty.mkdir()
+    r = cli("stage=prep", f"run.dir={run}", "cluster=slurm", env={"PATH": str(empty)})
+    assert r.returncode == 2, r.stderr
+    assert "Slurm is not installed here (no sbatch on PATH)" in r.stderr and "dry_run=true" in r.stderr
+    assert "Traceback" not in r.stderr and not run.exists()
