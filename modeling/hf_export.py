@@ -11,6 +11,8 @@ Which transformers class represents a kit model exactly (transformers 5.x):
 Reward models -> *ForSequenceClassification (head as `score`, num_labels=1, read at the rightmost
 token that is not pad_token_id: the tokenizer gets a pad id that real inputs never hold, see
 hf_tokenizer). Critics likewise, or *ForTokenClassification (a value per token, `score` with bias).
+`score` has no bias in *ForSequenceClassification: a LayerNorm family takes the head's bias into the
+final norm's bias; an RMSNorm family with a non-zero head bias is refused (or exported as tokens).
 What has no exact counterpart is refused with the list of what differs.
 
 Tensors stream: each is converted and written in turn, its source dropped once written, so the
@@ -101,8 +103,11 @@ def hf_config(cfg: ModelConfig, fam: str, arch: str, rows: int, dtype: torch.dty
 
 
 def hf_tensors(get: Callable[[str], torch.Tensor], cfg: ModelConfig, *, lm_head: bool, head: bool,
-               head_bias: bool, dtype: torch.dtype) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(HF name, tensor) in file order. `get(our name)` hands over (and may drop) a source tensor."""
+               head_bias: bool, dtype: torch.dtype, fold_bias: Optional[torch.Tensor] = None
+               ) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(HF name, tensor) in file order. `get(our name)` hands over (and may drop) a source tensor.
+    fold_bias: the head's bias moved into the final LayerNorm's bias, for a `score` without one:
+    w . (beta + b w / |w|^2) = w . beta + b (exact up to fp32 rounding)."""
     fold = cfg.normalization == "layernorm1p"
 
     def cast(t):
@@ -129,11 +134,17 @@ def hf_tensors(get: Callable[[str], torch.Tensor], cfg: ModelConfig, *, lm_head:
             yield hf + f"mlp.gate_proj.{s}", cast(gate)
             yield hf + f"mlp.up_proj.{s}", cast(up)
             yield hf + f"mlp.down_proj.{s}", cast(get(me + f"mlp.dense_4h_to_h.{s}"))
-    yield from norm("language_model.encoder.final_layernorm", "model.norm")
+    if fold_bias is None:
+        yield from norm("language_model.encoder.final_layernorm", "model.norm")
+    else:
+        (wn, w), (bn, beta) = norm("language_model.encoder.final_layernorm", "model.norm")
+        score = get(HEAD_PREFIX + "weight").double().reshape(-1)
+        yield wn, w
+        yield bn, cast(beta.double() + fold_bias.double().reshape(()) * score / score.dot(score))
     if lm_head and not cfg.share_embeddings_and_output_weights:
         yield "lm_head.weight", cast(get("language_model.output_layer.weight"))
     if head:
-        yield "score.weight", cast(get(HEAD_PREFIX + "weight"))
+        yield "score.weight", cast(get(HEAD_PREFIX + "weight") if fold_bias is None else score.reshape(1, -1))
         if head_bias:
             yield "score.bias", cast(get(HEAD_PREFIX + "bias"))
 
@@ -214,12 +225,17 @@ def export_hf(src: str, out_dir: str, *, dtype: Optional[str] = None, head_class
     head = ("value" if raw.get("output_sequence") else "reward") if has_head else None
     fam, diffs = family(cfg)
     head_bias = head is not None and head_class == "token"
+    fold_bias = None
     if head is not None and not head_bias:
         bias = float(sd[HEAD_PREFIX + "bias"].float().reshape(-1)[0])
-        if bias != 0.0 and not drop_head_bias:
-            diffs.append(f"rm_head.bias = {bias:.6g}: *ForSequenceClassification's score has no bias. Use "
-                         f"head_class=token (*ForTokenClassification: score with bias, a value per token), or "
-                         f"drop_head_bias (every reward shifted by {-bias:.6g}; pairwise order unchanged)")
+        # Bradley-Terry is blind to the bias, but Adam turns its rounding-level gradients into a small drift
+        if bias != 0.0 and cfg.normalization != "rmsnorm" and not drop_head_bias:
+            fold_bias = sd[HEAD_PREFIX + "bias"].clone()
+        elif bias != 0.0 and not drop_head_bias:
+            diffs.append(f"rm_head.bias = {bias:.6g}: *ForSequenceClassification's score has no bias, and RMSNorm "
+                         f"has none to fold it into. Use head_class=token (*ForTokenClassification: score with "
+                         f"bias, a value per token), or drop_head_bias (every reward shifted by {-bias:.6g}; "
+                         f"pairwise order unchanged)")
     if diffs:
         raise ExportError(f"{src}: cannot be exported exactly to transformers ({_class_name(fam, head, head_class)}):\n  - "
                           + "\n  - ".join(diffs))
@@ -241,7 +257,7 @@ def export_hf(src: str, out_dir: str, *, dtype: Optional[str] = None, head_class
                                source_path=path if not tokenizer else None)
         ids = {"pad": tok.pad_id, "eos": tok.eos_id, "bos": tok.bos_id}
         hf_config(cfg, fam, arch, rows, out_dt, ids, head).to_json_file(os.path.join(tmp, "config.json"))
-        kwargs = dict(lm_head=lm_head, head=head is not None, head_bias=head_bias, dtype=out_dt)
+        kwargs = dict(lm_head=lm_head, head=head is not None, head_bias=head_bias, dtype=out_dt, fold_bias=fold_bias)
         meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in sd.items()}
         entries = [(n, t.dtype, tuple(t.shape)) for n, t in hf_tensors(meta.__getitem__, cfg, **kwargs)]
         files = write_safetensors(tmp, entries, hf_tensors(sd.pop, cfg, **kwargs), max_shard_size)

@@ -123,16 +123,23 @@ def test_reward_equals_transformers_sequence_classification(tmp_path, spm, arch,
     assert torch.equal(back.rm_head.weight, ours.rm_head.weight) and torch.equal(back.rm_head.bias, ours.rm_head.bias)
 
 
-def test_critic_bias_refused_as_sequence_classification_exact_as_token_classification(tmp_path, spm):
-    ours = _model("gpt", spm.vocab_size, head="value", bias=0.37)
-    with pytest.raises(ExportError, match=r"rm_head.bias = 0.37.*head_class=token"):
-        _export(ours, spm, tmp_path)
-    out, _ = _export(ours, spm, tmp_path, head_class="token")
-    assert out["architecture"] == "StableLmForTokenClassification"
-    hf = transformers.AutoModelForTokenClassification.from_pretrained(out["dir"], dtype=torch.float32).eval()
-    ids, _ = _batch(spm)
+def test_head_bias_folded_into_layernorm_refused_with_rmsnorm_exact_as_token_classification(tmp_path, spm):
+    ids, mask = _batch(spm)
+    ours = _model("gpt", spm.vocab_size, head="reward", bias=0.37)  # LayerNorm: the bias moves into the final norm
+    out, _ = _export(ours, spm, tmp_path)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out["dir"], dtype=torch.float32).eval()
     with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits.squeeze(-1), ours(ids), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hf(ids).logits.squeeze(-1), ours(ids, attention_mask=mask), rtol=1e-5, atol=1e-5)
+    llama = _model("llama", spm.vocab_size, head="value", bias=0.37)
+    with pytest.raises(ExportError, match=r"rm_head.bias = 0.37.*head_class=token"):
+        _export(llama, spm, tmp_path / "l")
+    out, _ = _export(llama, spm, tmp_path / "l", head_class="token")
+    assert out["architecture"] == "LlamaForTokenClassification"
+    hf = transformers.AutoModelForTokenClassification.from_pretrained(out["dir"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits.squeeze(-1), llama(ids), rtol=1e-5, atol=1e-5)
+    back = load_pretrained(out["dir"], head="value")
+    assert torch.equal(back.rm_head.bias, llama.rm_head.bias)
 
 
 @pytest.mark.parametrize("change,says", [
