@@ -55,6 +55,7 @@ class KitConfig:
     stage: Any = "all"  # prep | rm | ppo | all, or a list in pipeline order: rm,ppo (or [rm,ppo])
     dry_run: bool = False
     force: bool = False  # re-run stages even when their recorded artifacts are up to date
+    export_hf: bool = False  # stages that write a .nemo (rm, ppo) also write <stage>/hf/, a transformers folder
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # every model preset must say where its weights come from (null = random init), so a preset such
