@@ -7,11 +7,12 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 from data_prep.config import DataConfig
+from evaluation.config import EvalConfig
 from modeling.config import ModelConfig
 from ppo.config import PPOConfig
 from rm_training.config import RMConfig
 
-STAGES = ("prep", "rm", "ppo")
+STAGES = ("prep", "rm", "ppo", "eval")
 
 
 @dataclass
@@ -64,3 +65,4 @@ class KitConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
