@@ -198,3 +198,31 @@ def test_smollm2_export_logits_equal_transformers(tmp_path):
     x = tok(text, return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, ours(x), rtol=1e-4, atol=1e-4)
+
+
+def test_tokenizer_without_a_pad_gets_one_on_a_spare_vocab_row(tmp_path):
+    """A tokenizer whose only candidate pad is its EOS (which ends every comparison): the export adds
+    <|pad|> on the first padded row of the embedding, so transformers' pooling still finds the EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["</s>", "[UNK]"] + [f"w{i}" for i in range(45)]  # 47 tokens; tiny_gpt pads the vocab to 48
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.save(str(tmp_path / "tokenizer.json"))
+    from data_prep.tokenizers import load_tokenizer
+    kit_tok = load_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert kit_tok.pad_id == kit_tok.eos_id == 0
+    torch.manual_seed(0)
+    ours = attach_head(_randomize_norms(build_model(presets.tiny_gpt(), vocab_size=47)), RewardModel).eval()
+    assert ours.vocab_size == 48
+    nemo = save_nemo(ours, str(tmp_path / "m.nemo"), tokenizer_path=str(tmp_path / "tokenizer.json"))
+    out = export_hf(nemo, str(tmp_path / "hf"))
+    assert out["pad_token_id"] == 47
+    tok = transformers.AutoTokenizer.from_pretrained(out["dir"])
+    assert tok.pad_token == "<|pad|>" and tok.pad_token_id == 47 and tok.eos_token_id == 0
+    enc = tok(["w1 w2 w3", "w4"], padding=True, return_tensors="pt")
+    assert enc.input_ids.tolist() == [[3, 4, 5, 0], [6, 0, 47, 47]]
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out["dir"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ours(enc.input_ids.clamp(max=46), lengths=torch.tensor([4, 2]))
+        torch.testing.assert_close(hf(**enc).logits.squeeze(-1), want, rtol=1e-5, atol=1e-5)
