@@ -194,6 +194,7 @@ def run_stage(run_dir: Path, stage: str, requeue: bool = False) -> int:
             try:  # export_hf=true: the stage's .nemo also as a Hugging Face folder (modeling/hf_export.py)
                 from modeling.hf_export import export_hf
                 result["hf"] = export_hf(result["nemo"], str(run_dir / stage / "hf"))["dir"]
+                extra["hf_export_error"] = None
             except Exception as e:  # noqa: BLE001 - the .nemo is good (the next stage needs it): say why, go on
                 log.error("stage %s: export_hf: no hf/ folder: %s", stage, e)
                 extra["hf_export_error"] = str(e)

