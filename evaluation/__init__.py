@@ -25,7 +25,8 @@ def eval_config(section):
 
 
 def run(cfg) -> dict:
-    """Returns {"rm_metrics", "rm_rewards", "rm_plot"} (paths in cfg.run.stage_dir). Ranks other
+    """Returns {"rm_metrics", "rm_rewards", "rm_plot"} and, with a policy, {"policy_metrics",
+    "policy_samples", "policy_plot"} (paths in cfg.run.stage_dir). Ranks other
     than 0 (a multi-GPU allocation) have nothing to do: evaluation runs on one device."""
     from evaluation.reward_eval import evaluate_reward_model
 
@@ -35,4 +36,14 @@ def run(cfg) -> dict:
     out = {}
     if ev.rm.enabled:
         out.update(evaluate_reward_model(ev.rm, cfg.run.stage_dir))
+    pe = ev.policy
+    if pe.enabled and pe.restore_from_path:
+        from evaluation.policy_eval import evaluate_policy
+
+        reference = pe.reference_path or cfg.model.restore_from_path
+        if not reference:
+            log.warning("policy eval skipped: no reference (eval.policy.reference_path, or model.restore_from_path: "
+                        "PPO's initial policy; a random init is not saved)")
+        else:
+            out.update(evaluate_policy(pe, str(reference), str(ev.rm.restore_from_path), cfg.run.stage_dir))
     return out

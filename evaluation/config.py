@@ -29,5 +29,23 @@ class RewardEvalConfig:
 
 
 @dataclass
+class PolicyEvalConfig:
+    enabled: bool = True  # runs when a policy is known (the ppo stage's .nemo, or restore_from_path)
+    restore_from_path: Optional[str] = None  # the policy; null = the ppo stage's .nemo
+    reference_path: Optional[str] = None  # null = model.restore_from_path (PPO's initial policy)
+    prompts: Any = None  # a prompts JSONL ({"text"} or {"prompt"}); null = prep's prompts, its `split`
+    split: str = "test"
+    max_prompts: int = 64
+    max_length: int = 64  # new tokens per response (NeMo's length_params.max_length)
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    micro_batch_size: int = 8
+    seed: int = 1234
+
+
+@dataclass
 class EvalConfig:
     rm: RewardEvalConfig = field(default_factory=RewardEvalConfig)
+    policy: PolicyEvalConfig = field(default_factory=PolicyEvalConfig)

@@ -62,6 +62,8 @@ REGISTRY = {
     "eval": Stage("eval", "evaluation", ("eval",), (
         Input("eval.rm.data_prefix", "prep", "data_prefix", required=False),
         Input("eval.rm.restore_from_path", "rm", "nemo"),
+        Input("eval.policy.restore_from_path", "ppo", "nemo", required=False),
+        Input("eval.policy.prompts", "prep", "prompts", required=False),
     ), in_all=False),
 }
 assert tuple(REGISTRY) == STAGES

@@ -132,3 +132,40 @@ def test_eval_dry_run_renders_a_slurm_job(tmp_path):
             "eval.rm.restore_from_path=/ckpt/rm.nemo", "eval.rm.data=/data/prefs.jsonl", env=env)
     assert r.returncode == 0, r.stderr
     assert "#SBATCH" in r.stdout and "--stage eval" in r.stdout and "data: /data/prefs.jsonl" in r.stdout
+
+
+def _tiny_policy(run, path, seed, peaked=False):
+    import torch
+
+    from data_prep.tokenizers import load_tokenizer
+    from modeling import build_model, presets, save_nemo
+
+    tok_path = str(run / "prep" / "tokenizer.model")
+    torch.manual_seed(seed)
+    m = build_model(presets.tiny_gpt(), vocab_size=load_tokenizer(tok_path).vocab_size)
+    if peaked:  # random init is near uniform; a larger output layer makes it a distribution of its own
+        with torch.no_grad():
+            m.language_model.output_layer.weight.mul_(300)
+    return save_nemo(m, str(path), tokenizer_path=tok_path)
+
+
+def test_policy_eval_against_its_reference(run, tmp_path):
+    ref = _tiny_policy(run, tmp_path / "ref.nemo", 0)
+    other = _tiny_policy(run, tmp_path / "other.nemo", 1, peaked=True)
+    common = [f"run.dir={run}", f"model.restore_from_path={ref}", "eval.rm.max_pairs=8",
+              "eval.policy.max_prompts=12", "eval.policy.max_length=16"]
+    r = cli("stage=eval", f"eval.policy.restore_from_path={ref}", *common)  # the policy is its own reference
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    same = json.loads((run / "eval" / "policy_metrics.json").read_text())
+    assert same["prompts"] == 12 and same["win_rate"] == 0.5 and abs(same["kl_mean"]) < 1e-4
+    assert same["policy_reward_mean"] == same["reference_reward_mean"]
+    rows = [json.loads(line) for line in open(run / "eval" / "policy_samples.jsonl")]
+    assert len(rows) == 12 and all(x["policy"] == x["reference"] for x in rows)
+    r = cli("stage=eval", f"eval.policy.restore_from_path={other}", *common)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    diff = json.loads((run / "eval" / "policy_metrics.json").read_text())
+    assert diff["kl_mean"] > 1.0  # a peaked model against a near-uniform reference
+    assert diff["policy_reward_mean"] != diff["reference_reward_mean"]
+    assert 0 <= diff["win_rate"] <= 1 and 0 <= diff["policy_cut_at_max_length"] <= 1
+    assert diff["policy_length_mean"] <= 16 and "win rate" in r.stdout
+    assert (run / "eval" / "policy_rewards.png").exists()
