@@ -7,11 +7,12 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 from data_prep.config import DataConfig
+from evaluation.config import EvalConfig
 from modeling.config import ModelConfig
 from ppo.config import PPOConfig
 from rm_training.config import RMConfig
 
-STAGES = ("prep", "rm", "ppo")
+STAGES = ("prep", "rm", "ppo", "eval")
 
 
 @dataclass
@@ -58,6 +59,7 @@ class KitConfig:
     stage: Any = "all"  # prep | rm | ppo | all, or a list in pipeline order: rm,ppo (or [rm,ppo])
     dry_run: bool = False
     force: bool = False  # re-run stages even when their recorded artifacts are up to date
+    export_hf: bool = False  # stages that write a .nemo (rm, ppo) also write <stage>/hf/, a transformers folder
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # every model preset must say where its weights come from (null = random init), so a preset such
@@ -66,3 +68,4 @@ class KitConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

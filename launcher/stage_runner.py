@@ -189,7 +189,16 @@ def run_stage(run_dir: Path, stage: str, requeue: bool = False) -> int:
             manifest.update_stage(stage, status="failed", finished=now(),
                                   error=f"stage reported artifacts that do not exist: {missing}")
             return 1
-        manifest.update_stage(stage, status="succeeded", finished=now(), artifacts=result)
+        extra = {}
+        if cfg.get("export_hf") and isinstance(result.get("nemo"), str):
+            try:  # export_hf=true: the stage's .nemo also as a Hugging Face folder (modeling/hf_export.py)
+                from modeling.hf_export import export_hf
+                result["hf"] = export_hf(result["nemo"], str(run_dir / stage / "hf"))["dir"]
+                extra["hf_export_error"] = None
+            except Exception as e:  # noqa: BLE001 - the .nemo is good (the next stage needs it): say why, go on
+                log.error("stage %s: export_hf: no hf/ folder: %s", stage, e)
+                extra["hf_export_error"] = str(e)
+        manifest.update_stage(stage, status="succeeded", finished=now(), artifacts=result, **extra)
     return 0
 
 

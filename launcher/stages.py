@@ -32,6 +32,7 @@ class Stage:
     sections: Tuple[str, ...]  # config sections that define the stage's result
     inputs: Tuple[Input, ...] = field(default_factory=tuple)
     distributed: bool = True  # False: one process, no GPU, whatever the cluster offers (prep)
+    in_all: bool = True  # part of stage=all (eval is asked for by name: stage=all,eval or stage=eval)
 
     def entry(self) -> Callable:
         return importlib.import_module(self.package).run
@@ -58,6 +59,12 @@ REGISTRY = {
             Input("ppo.reward_model.restore_from_path", "rm", "nemo"),
         ),
     ),
+    "eval": Stage("eval", "evaluation", ("eval",), (
+        Input("eval.rm.data_prefix", "prep", "data_prefix", required=False),
+        Input("eval.rm.restore_from_path", "rm", "nemo"),
+        Input("eval.policy.restore_from_path", "ppo", "nemo", required=False),
+        Input("eval.policy.prompts", "prep", "prompts", required=False),
+    ), in_all=False),
 }
 assert tuple(REGISTRY) == STAGES
 
@@ -66,8 +73,8 @@ def parse_stage_selection(value) -> List[str]:
     """`all` | a stage | a comma list | a list; returned in pipeline order."""
     items = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig" else [value]
     names = [s.strip() for item in items for s in str(item).split(",") if s.strip()]
-    if names == ["all"]:
-        return list(STAGES)
+    if "all" in names:  # all = the training pipeline; other stages join it by name (all,eval)
+        names = [s for s in names if s != "all"] + [s for s in STAGES if REGISTRY[s].in_all]
     unknown = [n for n in names if n not in STAGES]
     if unknown or not names:
         raise ValueError(f"stage={value!r}: unknown stage {unknown[0] if unknown else ''!r}; "

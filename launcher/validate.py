@@ -346,7 +346,7 @@ def validate(cfg: DictConfig, stages: Sequence[str], dry_run: bool = False,
     """Raise ConfigError listing every problem found in the composed config.
 
     `warn`: what a dry run does with problems that are only errors when run for real (default: log them)."""
-    sections = {"prep": ["data"], "rm": ["model", "rm"], "ppo": ["model", "ppo"]}
+    sections = {"prep": ["data"], "rm": ["model", "rm"], "ppo": ["model", "ppo"], "eval": ["eval"]}
     wanted = ["run", "cluster"] + sorted({s for st in stages for s in sections[st]})
     problems = _missing(cfg, wanted)
     if problems:  # the rules below would trip over the missing values

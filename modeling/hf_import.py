@@ -24,8 +24,11 @@ def _unsupported(msg: str):
 
 def config_from_hf(c: Dict[str, Any], name: str = "hf") -> ModelConfig:
     """A transformers LlamaConfig (config.json dict) -> ModelConfig with NeMo keys."""
-    if c.get("model_type", "llama") not in ("llama", "mistral"):
-        _unsupported(f"model_type {c.get('model_type')!r} (llama and mistral are mapped)")
+    stablelm = c.get("model_type") == "stablelm"  # LayerNorm + partial rotary (modeling.hf_export's GPT class)
+    if c.get("model_type", "llama") not in ("llama", "mistral", "stablelm"):
+        _unsupported(f"model_type {c.get('model_type')!r} (llama, mistral and stablelm are mapped)")
+    if stablelm and (c.get("use_qkv_bias") or c.get("qk_layernorm") or c.get("use_parallel_residual")):
+        _unsupported("stablelm with use_qkv_bias, qk_layernorm or use_parallel_residual")
     if c.get("hidden_act", "silu") != "silu":
         _unsupported(f"hidden_act {c.get('hidden_act')!r}")
     if c.get("sliding_window"):
@@ -44,9 +47,11 @@ def config_from_hf(c: Dict[str, Any], name: str = "hf") -> ModelConfig:
         kv_channels=None if head_dim * heads == c["hidden_size"] else head_dim,
         encoder_seq_length=c.get("max_position_embeddings", 2048),
         max_position_embeddings=c.get("max_position_embeddings", 2048),
-        position_embedding_type="rope", rotary_percentage=float(c.get("partial_rotary_factor", 1.0)),
+        position_embedding_type="rope",
+        rotary_percentage=float(rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))),
         rotary_base=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
-        normalization="rmsnorm", layernorm_epsilon=float(c.get("rms_norm_eps", 1e-6)),
+        normalization="layernorm" if stablelm else "rmsnorm",
+        layernorm_epsilon=float(c.get("layer_norm_eps", 1e-5) if stablelm else c.get("rms_norm_eps", 1e-6)),
         activation="fast-swiglu", bias=bool(c.get("attention_bias", False)),
         share_embeddings_and_output_weights=bool(c.get("tie_word_embeddings", False)),
         vocab_size=c["vocab_size"], make_vocab_size_divisible_by=1,

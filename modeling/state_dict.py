@@ -77,14 +77,22 @@ def from_hf_llama(get, names: Iterable[str], cfg: ModelConfig) -> Dict[str, torc
     names = set(names)
     sd = {
         "language_model.embedding.word_embeddings.weight": get("model.embed_tokens.weight"),
-        "language_model.encoder.final_layernorm.weight": get("model.norm.weight"),
     }
-    if not cfg.share_embeddings_and_output_weights:
+    if not cfg.share_embeddings_and_output_weights and "lm_head.weight" in names:
         sd["language_model.output_layer.weight"] = get("lm_head.weight")
+    if "score.weight" in names:  # *ForSequenceClassification / *ForTokenClassification (hf_export's heads)
+        sd[HEAD_PREFIX + "weight"] = get("score.weight")
+        sd[HEAD_PREFIX + "bias"] = get("score.bias") if "score.bias" in names else torch.zeros(1, dtype=sd[HEAD_PREFIX + "weight"].dtype)
+    norms = [("model.norm.", "language_model.encoder.final_layernorm.")]
     for i in range(cfg.num_layers):
         hf, me = _HF_LAYER.format(i=i), _OURS_LAYER.format(i=i)
-        sd[me + "input_layernorm.weight"] = get(hf + "input_layernorm.weight")
-        sd[me + "post_attention_layernorm.weight"] = get(hf + "post_attention_layernorm.weight")
+        norms += [(hf + n, me + n) for n in ("input_layernorm.", "post_attention_layernorm.")]
+    for hf_norm, our_norm in norms:  # LayerNorm (stablelm) has a bias, RMSNorm none
+        sd[our_norm + "weight"] = get(hf_norm + "weight")
+        if hf_norm + "bias" in names:
+            sd[our_norm + "bias"] = get(hf_norm + "bias")
+    for i in range(cfg.num_layers):
+        hf, me = _HF_LAYER.format(i=i), _OURS_LAYER.format(i=i)
         for suffix in ("weight", "bias"):
             if hf + f"self_attn.q_proj.{suffix}" in names:
                 qkv = [get(hf + f"self_attn.{p}_proj.{suffix}") for p in "qkv"]
