@@ -18,11 +18,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from launcher.cli import absolute, precheck, run_dir_problems, stage_lists_as_lists
 from launcher.errors import ConfigError
 from launcher.executors import make_executor
 from launcher.manifest import Manifest, atomic_write_text
 from launcher.plan import make_plan
-from launcher.validate import check_overrides, schema, validate_request
+from launcher.validate import schema, validate_request
 
 log = logging.getLogger("launcher")
 ConfigStore.instance().store(name="kit_schema", node=schema())  # KitConfig, built once for both uses
@@ -33,14 +34,17 @@ def _run_dir(cfg: DictConfig) -> Path:
     hc = HydraConfig.get() if HydraConfig.initialized() else None
     if hc is not None and hc.mode == RunMode.MULTIRUN:
         return Path(hc.runtime.output_dir).resolve()  # each sweep point gets its own run folder
-    return Path(cfg.run.dir).resolve()
+    return absolute(cfg.run.dir)
 
 
 def launch(cfg: DictConfig) -> int:
     """Validate, plan and run (or render) the selected stages. Returns an exit code."""
     stages = validate_request(cfg)
+    problems = run_dir_problems()
+    if problems:
+        raise ConfigError(problems)
     run_dir = _run_dir(cfg)
-    base_dir = Path(cfg.run.dir).resolve()  # a sweep point may use what its base run recorded (prep, once)
+    base_dir = absolute(cfg.run.dir)  # a sweep point may use what its base run recorded (prep, once)
     jobs = make_plan(cfg, stages, run_dir, force=cfg.force, dry_run=cfg.dry_run,
                      base_dir=base_dir if base_dir != run_dir else None)
     executor = make_executor(cfg.cluster)
@@ -81,7 +85,7 @@ def _record_sweep_point(cfg: DictConfig, code: int) -> None:
     from launcher.runs import record_sweep_point
 
     hc = HydraConfig.get()
-    record_sweep_point(Path(hc.sweep.dir).resolve(), hc.job.num, list(hc.overrides.task), _run_dir(cfg), code)
+    record_sweep_point(absolute(hc.sweep.dir), hc.job.num, list(hc.overrides.task), _run_dir(cfg), code)
 
 
 def _dry_run(jobs, executor, run_dir: Path) -> int:
@@ -120,17 +124,10 @@ def hydra_main(cfg: DictConfig) -> int:
     return code
 
 
-def _stage_lists_as_lists(argv: list) -> list:
-    """`stage=prep,rm` means a list of stages, not a Hydra sweep, unless the user asked for -m."""
-    if "-m" in argv or "--multirun" in argv:
-        return argv
-    return [f"stage=[{a[6:]}]" if a.startswith("stage=") and "," in a and "[" not in a else a for a in argv]
-
-
 def main() -> None:
-    sys.argv[1:] = _stage_lists_as_lists(sys.argv[1:])
+    sys.argv[1:] = stage_lists_as_lists(sys.argv[1:])
     try:
-        check_overrides(sys.argv[1:])
+        precheck(sys.argv[1:])
     except ConfigError as e:
         print(f"error: {e.render()}", file=sys.stderr)
         sys.exit(2)

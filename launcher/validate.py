@@ -87,8 +87,10 @@ def check_key(schema: DictConfig, key: str) -> str | None:
     return None
 
 
-def check_overrides(args: Sequence[str]) -> None:
-    """Fail on unknown keys and values of the wrong type in command-line overrides."""
+def check_overrides(args: Sequence[str], is_group: Callable[[str], bool] = GROUPS.__contains__) -> None:
+    """Fail on unknown keys and values of the wrong type in command-line overrides.
+
+    `is_group`: whether a name is a config group (launcher.cli asks Hydra's search path)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ChoiceSweep, OverrideType
 
@@ -109,7 +111,7 @@ def check_overrides(args: Sequence[str]) -> None:
     problems: List[str] = []
     for o in overrides:
         key = o.key_or_group
-        if o.package is not None or key.startswith("hydra") or key.split(".")[0] in GROUPS and "." not in key:
+        if o.package is not None or key.startswith("hydra") or "." not in key and is_group(key):
             continue  # config-group choices and Hydra's own keys: Hydra checks those
         if o.type == OverrideType.ADD or o.type == OverrideType.DEL:
             continue
