@@ -115,3 +115,23 @@ def test_hydra_keys_in_the_sweepers_params(tmp_path):
     names = [OmegaConf.load(sweep / str(n) / "dry_run" / "rm" / "config.yaml").run.name for n in range(4)]
     assert names == ["a", "a", "b", "b"]
 
+
+def test_every_points_launch_line_is_printed(tmp_path):
+    r = cli("-m", "stage=rm", "dry_run=true", "rm.model.optim.lr=1e-3,2e-3", f"run.dir={tmp_path}/run",
+            f"hydra.sweep.dir={tmp_path}/sweep")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[HYDRA] Launching 2 jobs locally" in r.stdout
+    assert "#0 : stage=rm dry_run=True" in r.stdout and "#1 : stage=rm dry_run=True" in r.stdout
+
+
+def test_a_preset_may_choose_another_sweeper(tmp_path):
+    """conf/config.yaml selects the kit's sweeper last (conf/hydra/kit.yaml), so a preset's own
+    `override /hydra/sweeper` wins, as in lightning-hydra-template's hparams_search presets."""
+    extra = tmp_path / "extra"
+    write(extra / "hparams_search" / "basic.yaml", "# @package _global_\ndefaults:\n"
+          "  - override /hydra/sweeper: basic\n")
+    base = ["--cfg", "hydra", f"hydra.searchpath=[file://{extra}]"]
+    assert OmegaConf.create(cli(*base).stdout).hydra.sweeper._target_.endswith("KitSweeper")
+    r = cli(*base, "+hparams_search=basic")
+    assert r.returncode == 0, r.stderr
+    assert OmegaConf.create(r.stdout).hydra.sweeper._target_.endswith("BasicSweeper")
