@@ -33,12 +33,22 @@ def hydra_args(argv: Sequence[str]) -> Optional[argparse.Namespace]:
         return None
 
 
-def stage_lists_as_lists(argv: List[str]) -> List[str]:
-    """`stage=prep,rm` is the list of stages to run, in every mode (run, -m, hydra.mode=MULTIRUN): the
-    stages of one run. Sweeping over stages makes no sense (a point's later stage would find nothing
-    prepared), and `stage=choice(rm,ppo)` still says so explicitly."""
-    return [f"stage=[{a[6:]}]" if a.startswith("stage=") and "," in a and "[" not in a and "(" not in a else a
-            for a in argv]
+def kit_argv(argv: List[str]) -> List[str]:
+    """The two readings the kit gives the command line before Hydra sees it:
+
+    - `stage=prep,rm` is the list of stages to run, in every mode (run, -m, hydra.mode=MULTIRUN): the
+      stages of one run. Sweeping over stages makes no sense (a point's later stage would find nothing
+      prepared), and `stage=choice(rm,ppo)` still says so explicitly.
+    - `+experiment=x` (lightning-hydra-template's spelling) is `experiment=x`: conf/config.yaml already
+      selects an experiment (quickstart), which Hydra's `+` would refuse to add a second time."""
+    out = []
+    for a in argv:
+        if a.startswith("stage=") and "," in a and "[" not in a and "(" not in a:
+            a = f"stage=[{a[6:]}]"
+        elif a.startswith("+experiment="):
+            a = a[1:]
+        out.append(a)
+    return out
 
 
 class GroupLookup:

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from launcher.cli import absolute, precheck, run_dir_problems, stage_lists_as_lists
+from launcher.cli import absolute, kit_argv, precheck, run_dir_problems
 from launcher.errors import ConfigError
 from launcher.executors import make_executor
 from launcher.manifest import Manifest, atomic_write_text
@@ -125,7 +125,7 @@ def hydra_main(cfg: DictConfig) -> int:
 
 
 def main() -> None:
-    sys.argv[1:] = stage_lists_as_lists(sys.argv[1:])
+    sys.argv[1:] = kit_argv(sys.argv[1:])
     try:
         precheck(sys.argv[1:])
     except ConfigError as e:

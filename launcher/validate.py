@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from launcher.config import KitConfig
 from launcher.errors import ConfigError, suggest
 from launcher.stages import parse_stage_selection
+from launcher.tracking import config_problems as tracking_problems
 from modeling.formats import detect_format
 from rm_training.config import COSINE_SCHEDULE, SCHEDULE_NAMES
 
@@ -360,6 +361,7 @@ def validate(cfg: DictConfig, stages: Sequence[str], dry_run: bool = False,
     problems += _optim(cfg, stages)
     problems += _loop(cfg, stages)
     problems += _engine(cfg, stages)
+    problems += tracking_problems(cfg, stages)  # logger= (its package installed), optimized_metric
     files = _files(cfg, stages)
     if dry_run:  # a dry run previews a config for another machine: missing files are warnings
         for msg in files:
