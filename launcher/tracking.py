@@ -85,11 +85,14 @@ class _MlflowRun:
         from mlflow.tracking import MlflowClient
 
         lc = cfg.logger
-        save_dir.mkdir(parents=True, exist_ok=True)  # no server: a SQLite store (MLflow 3 retired the file store)
-        uri = lc.tracking_uri if lc.tracking_uri and not lc.offline else f"sqlite:///{(save_dir / 'mlflow.db').resolve()}"
-        self.client = MlflowClient(tracking_uri=uri)
+        server = lc.tracking_uri if lc.tracking_uri and not lc.offline else None
+        artifacts = None
+        if server is None:  # a SQLite store (MLflow 3 retired the file store), its artifacts beside it, not in ./
+            save_dir.mkdir(parents=True, exist_ok=True)
+            artifacts = (save_dir / "mlflow-artifacts").resolve().as_uri()
+        self.client = MlflowClient(tracking_uri=server or f"sqlite:///{(save_dir / 'mlflow.db').resolve()}")
         exp = self.client.get_experiment_by_name(lc.project)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(lc.project)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(lc.project, artifact_location=artifacts)
         tags = {"rlhf_kit.stage": stage, "rlhf_kit.run": cfg.run.name, **{t: "" for t in lc.tags}}
         self.run_id = self.client.create_run(exp_id, run_name=name, tags=tags).info.run_id
         self.client.log_text(self.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")

@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from launcher.tracking import MetricsForwarder, read_metric
-from tests.kit import cli, compose_cfg
+from tests.kit import ROOT, cli, compose_cfg
 
 HAS = {name: importlib.util.find_spec(name) is not None for name in ("wandb", "mlflow")}
 
@@ -115,6 +115,7 @@ def test_mlflow_offline_gets_every_row_of_the_stage(tmp_path, fail):
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")] == [(1, 1.0), (2, 0.5)]
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == [(1, 0.5), (2, 1.0)]
     assert "train/stale_key" not in run.data.metrics
+    assert (tmp_path / "mlflow-artifacts").is_dir() and not (ROOT / "mlruns").exists(), "nothing written in the cwd"
 
 
 @pytest.mark.skipif(not HAS["wandb"], reason="wandb is not installed (pip install 'rlhf-kit[wandb]')")
