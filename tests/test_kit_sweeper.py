@@ -125,13 +125,18 @@ def test_every_points_launch_line_is_printed(tmp_path):
 
 
 def test_a_preset_may_choose_another_sweeper(tmp_path):
-    """conf/config.yaml selects the kit's sweeper last (conf/hydra/kit.yaml), so a preset's own
-    `override /hydra/sweeper` wins, as in lightning-hydra-template's hparams_search presets."""
+    """conf/config.yaml selects the kit's sweeper (conf/hydra/kit.yaml) before its preset groups, so a
+    preset's own `override /hydra/sweeper` wins, as in lightning-hydra-template's hparams_search presets
+    (Hydra expands a defaults list from its end and keeps the first override of a group it meets)."""
     extra = tmp_path / "extra"
-    write(extra / "hparams_search" / "basic.yaml", "# @package _global_\ndefaults:\n"
-          "  - override /hydra/sweeper: basic\n")
+    preset = "# @package _global_\ndefaults:\n  - override /hydra/sweeper: basic\n"
+    for group in ("hparams_search", "experiment"):
+        write(extra / group / "basic.yaml", preset)
+    write(tmp_path / "mine" / "local" / "default.yaml", preset)
     base = ["--cfg", "hydra", f"hydra.searchpath=[file://{extra}]"]
     assert OmegaConf.create(cli(*base).stdout).hydra.sweeper._target_.endswith("KitSweeper")
-    r = cli(*base, "+hparams_search=basic")
-    assert r.returncode == 0, r.stderr
-    assert OmegaConf.create(r.stdout).hydra.sweeper._target_.endswith("BasicSweeper")
+    for args in (base + ["hparams_search=basic"], base + ["experiment=basic"],
+                 ["--cfg", "hydra", f"hydra.searchpath=[file://{tmp_path}/mine]"]):  # a local/default.yaml
+        r = cli(*args)
+        assert r.returncode == 0, r.stderr
+        assert OmegaConf.create(r.stdout).hydra.sweeper._target_.endswith("BasicSweeper"), args
