@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):  # `python launcher/main.py` from a checkout: make the packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -23,6 +24,7 @@ from launcher.errors import ConfigError
 from launcher.executors import make_executor
 from launcher.manifest import Manifest, atomic_write_text
 from launcher.plan import make_plan
+from launcher.tracking import read_metric
 from launcher.validate import schema, validate_request
 
 log = logging.getLogger("launcher")
@@ -81,11 +83,12 @@ def _in_sweep_job() -> bool:
     return inside_submitit_job()
 
 
-def _record_sweep_point(cfg: DictConfig, code: int) -> None:
+def _record_sweep_point(cfg: DictConfig, code: int, value: Optional[float] = None) -> None:
     from launcher.runs import record_sweep_point
 
     hc = HydraConfig.get()
-    record_sweep_point(absolute(hc.sweep.dir), hc.job.num, list(hc.overrides.task), _run_dir(cfg), code)
+    extra = {"optimized_metric": {cfg.optimized_metric: value}} if cfg.optimized_metric else {}
+    record_sweep_point(absolute(hc.sweep.dir), hc.job.num, list(hc.overrides.task), _run_dir(cfg), code, **extra)
 
 
 def _dry_run(jobs, executor, run_dir: Path) -> int:
@@ -115,13 +118,23 @@ def hydra_main(cfg: DictConfig) -> int:
             raise
         print(f"error: {e.render()}", file=sys.stderr)
         sys.exit(2)
+    value = None
+    if not code and cfg.optimized_metric and not cfg.dry_run:
+        try:
+            value = read_metric(_run_dir(cfg), cfg.optimized_metric)  # what a search sweeper optimises
+        except ValueError as e:
+            if multirun:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        log.info("optimized_metric %s = %s", cfg.optimized_metric, value)
     if multirun and not cfg.dry_run:
-        _record_sweep_point(cfg, code)
+        _record_sweep_point(cfg, code, value)
     if code and not multirun:
         sys.exit(code)
     if code:
         raise RuntimeError(f"run failed with exit code {code}: see {_run_dir(cfg)}")
-    return code
+    return code if value is None else value
 
 
 def main() -> None:

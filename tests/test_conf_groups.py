@@ -59,12 +59,13 @@ def test_debug_fdr_runs_the_pipeline_in_two_steps_with_anomaly_detection(tmp_pat
 
 
 def test_debug_overfit_drives_the_reward_models_train_loss_down(tmp_path):
-    r = cli("debug=overfit", "stage=prep,rm", f"run.dir={tmp_path}")
+    r = cli("debug=overfit", "stage=prep,rm", "optimized_metric=rm/train/loss", f"run.dir={tmp_path}")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     train = rows(tmp_path / "rm" / "metrics.jsonl", "train")
     assert len(train) == 30 and {row["pairs"] for row in train} == {8}, "one batch of 8 pairs, 30 times"
     assert train[-1]["loss"] < 0.05 < train[0]["loss"] and train[-1]["accuracy"] == 1.0
     assert read_metric(tmp_path, "rm/train/loss") == train[-1]["loss"]
+    assert f"optimized_metric rm/train/loss = {train[-1]['loss']}" in r.stdout  # what a search sweeper gets
 
 
 @pytest.mark.parametrize("name", ["wandb", "mlflow"])

@@ -109,21 +109,35 @@ def job_configs(composer: PointComposer, points: Sequence[Sequence[str]], first_
         hc.cfg = before
 
 
-def check_points(composer: PointComposer, points: Sequence[Sequence[str]], first_num: int = 0) -> None:
-    """Exit 2 naming the points whose config the kit refuses; nothing has been written or submitted."""
+def point_problems(composer: PointComposer, points: Sequence[Sequence[str]], first_num: int = 0) -> List[List[str]]:
+    """For each point, what the kit's validation refuses in it (empty: the point may run)."""
     from launcher.errors import ConfigError
     from launcher.validate import validate_request
 
-    problems: Dict[str, List[int]] = {}
-    for i, cfg in enumerate(job_configs(composer, points, first_num)):
+    out: List[List[str]] = []
+    for cfg in job_configs(composer, points, first_num):
         try:
             validate_request(cfg, warn=lambda msg: None)  # dry-run warnings: each job logs its own
+            out.append([])
         except ConfigError as e:
-            for msg in e.problems:
-                problems.setdefault(msg, []).append(i)
+            out.append(list(e.problems))
+    return out
+
+
+def check_points(composer: PointComposer, points: Sequence[Sequence[str]], first_num: int = 0) -> None:
+    """Exit 2 naming the points whose config the kit refuses; nothing of them has been written or submitted
+    (`first_num`: how many points of the sweep were launched before these)."""
+    from launcher.errors import ConfigError
+
+    problems: Dict[str, List[int]] = {}
+    for i, msgs in enumerate(point_problems(composer, points, first_num)):
+        for msg in msgs:
+            problems.setdefault(msg, []).append(i)
     if problems:
         err = ConfigError([f"{msg} ({_which(nums, points, first_num)})" for msg, nums in problems.items()])
-        print(f"error: {err.render()}\nnothing was run or submitted", file=sys.stderr)
+        done = f"these points were not launched ({first_num} before them were)" if first_num else \
+            "nothing was run or submitted"
+        print(f"error: {err.render()}\n{done}", file=sys.stderr)
         sys.exit(2)
 
 
