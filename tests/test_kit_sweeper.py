@@ -45,11 +45,19 @@ def test_the_kit_sweeper_composes_each_point_as_hydra_does():
             with read_write(full.hydra), open_dict(full.hydra):
                 full.hydra.job.id = full.hydra.job.num = num  # what BasicLauncher sets
             assert OmegaConf.to_yaml(cfg) == OmegaConf.to_yaml(full), point
+            assert composer.needs_hydra(point)  # it sets hydra.job.name
             assert cfg.rm.model.optim.sched.name == "constant" and cfg.cluster.env.A == "1"
         assert [c.hydra.job.name for c in configs[::4]] == ["a", "b"]
         assert len({c.hydra.job.override_dirname for c in configs}) == 4  # hydra.* keys are not in it
         assert {c.model.name for c in configs} == {"tiny", "gpt_2b"}
         assert len(composer._composed) == 2, "one composition per distinct group choice"
+        # points that set no hydra.* key and use no ${hydra:...}: only their job config is copied
+        for point in KitSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)[0]:
+            assert not composer.needs_hydra(point)
+            full = loader.load_sweep_config(master, list(point))
+            with open_dict(full):
+                del full["hydra"]
+            assert OmegaConf.to_yaml(composer.task_config(point)) == OmegaConf.to_yaml(full), point
 
 
 def test_hydra_resolver_values_in_a_sweep(tmp_path):

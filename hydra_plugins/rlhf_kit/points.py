@@ -53,6 +53,7 @@ class PointComposer:
         self.repo = search_path_repository(master)
         self.parser = OverridesParser.create()
         self._composed: Dict[Tuple[str, ...], DictConfig] = {}
+        self._task: Dict[Tuple[str, ...], Tuple[DictConfig, bool]] = {}  # without hydra; uses ${hydra:...}
 
     def is_group(self, o: Override) -> bool:
         """As Hydra decides: a config group choice, unless the value is a dict (a config override)."""
@@ -62,17 +63,39 @@ class PointComposer:
             return False
         return self.repo.group_exists(o.key_or_group)
 
+    def _split(self, point: Sequence[str]) -> Tuple[List[Override], Tuple[str, ...], List[Override]]:
+        overrides = self.parser.parse_overrides(list(point))
+        groups = tuple(o.input_line for o in overrides if self.is_group(o))
+        if groups not in self._composed:  # the slow step, once per distinct group choice
+            full = self.loader.load_sweep_config(self.master, list(groups))
+            task = copy.deepcopy(full)
+            with open_dict(task):
+                del task["hydra"]
+            self._composed[groups] = full
+            self._task[groups] = (task, "${hydra:" in OmegaConf.to_yaml(task))
+        return overrides, groups, [o for o in overrides if o.input_line not in groups]
+
     def configs(self, points: Sequence[Sequence[str]], first_num: int = 0) -> Iterator[DictConfig]:
+        """Each point's full config, its hydra node as Hydra's launcher makes it."""
         for num, point in enumerate(points, start=first_num):
-            overrides = self.parser.parse_overrides(list(point))
-            groups = tuple(o.input_line for o in overrides if self.is_group(o))
-            if groups not in self._composed:  # the slow step, once per distinct group choice
-                self._composed[groups] = self.loader.load_sweep_config(self.master, list(groups))
+            overrides, groups, rest = self._split(point)
             cfg = copy.deepcopy(self._composed[groups])
-            rest = [o for o in overrides if o.input_line not in groups]
             ConfigLoaderImpl._apply_overrides_to_config(rest, cfg)  # hydra.* keys too: the node is kept
             self._as_launched(cfg, overrides, num)
             yield cfg
+
+    def needs_hydra(self, point: Sequence[str]) -> bool:
+        """Whether checking the point needs its hydra node: it sets hydra.* keys, or its config uses
+        ${hydra:...}. Otherwise its job config alone is copied (the hydra node is most of the copying)."""
+        overrides, groups, rest = self._split(point)
+        return self._task[groups][1] or any(o.is_hydra_override() or "${hydra:" in str(o.value()) for o in rest)
+
+    def task_config(self, point: Sequence[str]) -> DictConfig:
+        """The point's job config without its hydra node, for a point that does not need it."""
+        _, groups, rest = self._split(point)
+        cfg = copy.deepcopy(self._task[groups][0])
+        ConfigLoaderImpl._apply_overrides_to_config(rest, cfg)
+        return cfg
 
     def _as_launched(self, cfg: DictConfig, overrides: List[Override], num: int) -> None:
         """The hydra node as Hydra's config loader and launcher make it for this job."""
@@ -95,7 +118,11 @@ def job_configs(composer: PointComposer, points: Sequence[Sequence[str]], first_
     hc = HydraConfig.instance()
     before = hc.cfg
     try:
-        for cfg in composer.configs(points, first_num):
+        for num, point in enumerate(points, start=first_num):
+            if not composer.needs_hydra(point):
+                yield composer.task_config(point)
+                continue
+            cfg = next(composer.configs([point], num))
             hc.set_config(cfg)
             out = OmegaConf.select(cfg, "hydra.sweep.dir")
             sub = OmegaConf.select(cfg, "hydra.sweep.subdir")
