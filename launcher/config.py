@@ -52,6 +52,19 @@ class RunConfig:
     # set by the launcher on force=true: this launch's id; a stage then resumes only checkpoints written
     # under it (a Slurm requeue), never an earlier run's (rm_training/resume.py)
     force_id: Optional[str] = None
+    detect_anomaly: bool = False  # torch.autograd anomaly detection in the training stages (debug=fdr)
+
+
+@dataclass
+class LoggerConfig:
+    """Where a training stage's metrics go besides its metrics.jsonl and tensorboard/ (always written)."""
+    name: str = "tensorboard"  # tensorboard | wandb | mlflow (the logger= group chooses)
+    project: str = "rlhf-kit"  # wandb project, mlflow experiment
+    run_name: Optional[str] = None  # null: <run.name>-<stage>; one logger run per stage, grouped by run.name
+    offline: bool = False  # wandb: mode=offline; mlflow: a local SQLite store (no tracking server)
+    save_dir: Optional[str] = None  # null: the run directory (wandb/, mlflow.db in it)
+    tracking_uri: Optional[str] = None  # mlflow server (null: SQLite store in save_dir); ignored when offline
+    tags: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -62,6 +75,10 @@ class KitConfig:
     export_hf: bool = False  # stages that write a .nemo (rm, ppo) also write <stage>/hf/, a transformers folder
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # what a search sweeper optimises (hparams_search=...): <stage>/<split>/<metric> from that stage's
+    # metrics.jsonl, e.g. rm/val/loss, rm/test/accuracy, ppo/val/<metric>; the job returns its last value
+    optimized_metric: Optional[str] = None
     # every model preset must say where its weights come from (null = random init), so a preset such
     # as gpt_2b can leave it `???` and have the launcher ask for it
     model: ModelConfig = field(default_factory=lambda: ModelConfig(restore_from_path=MISSING))

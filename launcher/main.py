@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):  # `python launcher/main.py` from a checkout: make the packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -18,11 +19,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from launcher.cli import absolute, kit_argv, precheck, run_dir_problems
 from launcher.errors import ConfigError
 from launcher.executors import make_executor
 from launcher.manifest import Manifest, atomic_write_text
 from launcher.plan import make_plan
-from launcher.validate import check_overrides, schema, validate_request
+from launcher.tracking import read_metric
+from launcher.validate import schema, validate_request
 
 log = logging.getLogger("launcher")
 ConfigStore.instance().store(name="kit_schema", node=schema())  # KitConfig, built once for both uses
@@ -33,14 +36,17 @@ def _run_dir(cfg: DictConfig) -> Path:
     hc = HydraConfig.get() if HydraConfig.initialized() else None
     if hc is not None and hc.mode == RunMode.MULTIRUN:
         return Path(hc.runtime.output_dir).resolve()  # each sweep point gets its own run folder
-    return Path(cfg.run.dir).resolve()
+    return absolute(cfg.run.dir)
 
 
 def launch(cfg: DictConfig) -> int:
     """Validate, plan and run (or render) the selected stages. Returns an exit code."""
     stages = validate_request(cfg)
+    problems = run_dir_problems()
+    if problems:
+        raise ConfigError(problems)
     run_dir = _run_dir(cfg)
-    base_dir = Path(cfg.run.dir).resolve()  # a sweep point may use what its base run recorded (prep, once)
+    base_dir = absolute(cfg.run.dir)  # a sweep point may use what its base run recorded (prep, once)
     jobs = make_plan(cfg, stages, run_dir, force=cfg.force, dry_run=cfg.dry_run,
                      base_dir=base_dir if base_dir != run_dir else None)
     executor = make_executor(cfg.cluster)
@@ -81,11 +87,12 @@ def _in_sweep_job() -> bool:
     return inside_submitit_job()
 
 
-def _record_sweep_point(cfg: DictConfig, code: int) -> None:
+def _record_sweep_point(cfg: DictConfig, code: int, value: Optional[float] = None) -> None:
     from launcher.runs import record_sweep_point
 
     hc = HydraConfig.get()
-    record_sweep_point(Path(hc.sweep.dir).resolve(), hc.job.num, list(hc.overrides.task), _run_dir(cfg), code)
+    extra = {"optimized_metric": {cfg.optimized_metric: value}} if cfg.optimized_metric else {}
+    record_sweep_point(absolute(hc.sweep.dir), hc.job.num, list(hc.overrides.task), _run_dir(cfg), code, **extra)
 
 
 def _dry_run(jobs, executor, run_dir: Path) -> int:
@@ -115,26 +122,29 @@ def hydra_main(cfg: DictConfig) -> int:
             raise
         print(f"error: {e.render()}", file=sys.stderr)
         sys.exit(2)
+    value = None
+    if not code and cfg.optimized_metric and not cfg.dry_run:
+        try:
+            value = read_metric(_run_dir(cfg), cfg.optimized_metric)  # what a search sweeper optimises
+        except ValueError as e:
+            if multirun:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        log.info("optimized_metric %s = %s", cfg.optimized_metric, value)
     if multirun and not cfg.dry_run:
-        _record_sweep_point(cfg, code)
+        _record_sweep_point(cfg, code, value)
     if code and not multirun:
         sys.exit(code)
     if code:
         raise RuntimeError(f"run failed with exit code {code}: see {_run_dir(cfg)}")
-    return code
-
-
-def _stage_lists_as_lists(argv: list) -> list:
-    """`stage=prep,rm` means a list of stages, not a Hydra sweep, unless the user asked for -m."""
-    if "-m" in argv or "--multirun" in argv:
-        return argv
-    return [f"stage=[{a[6:]}]" if a.startswith("stage=") and "," in a and "[" not in a else a for a in argv]
+    return code if value is None else value
 
 
 def main() -> None:
-    sys.argv[1:] = _stage_lists_as_lists(sys.argv[1:])
+    sys.argv[1:] = kit_argv(sys.argv[1:])
     try:
-        check_overrides(sys.argv[1:])
+        precheck(sys.argv[1:])
     except ConfigError as e:
         print(f"error: {e.render()}", file=sys.stderr)
         sys.exit(2)

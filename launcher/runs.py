@@ -88,13 +88,14 @@ def cancel(path: Path, out=sys.stdout) -> int:
     return 0
 
 
-def record_sweep_point(sweep_dir: Path, num: int, overrides: List[str], run_dir: Path, code: int) -> None:
+def record_sweep_point(sweep_dir: Path, num: int, overrides: List[str], run_dir: Path, code: int, **extra) -> None:
     """One line per finished sweep point in <sweep dir>/sweep_results.jsonl: its overrides, exit code, and
-    each stage's status and artifacts (the sweep's results, collected in one place)."""
+    each stage's status and artifacts (the sweep's results, collected in one place); `extra`: more fields
+    (the optimized_metric's value)."""
     stages = Manifest(run_dir).read()["stages"]
     line = {"num": num, "overrides": list(overrides), "run_dir": str(run_dir), "exit_code": code, "finished": now(),
             "stages": {s: {"status": e.get("status"), "artifacts": e.get("artifacts", {}), "error": e.get("error")}
-                       for s, e in stages.items()}}
+                       for s, e in stages.items()}, **extra}
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with open(sweep_dir / ".sweep_results.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

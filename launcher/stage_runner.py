@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from launcher.manifest import Manifest, artifact_paths, atomic_write_text, now
 from launcher.plan import load_stage_config, resolve_inputs
 from launcher.stages import EX_TEMPFAIL, REGISTRY
+from launcher.tracking import forward_metrics
 
 log = logging.getLogger("stage")
 
@@ -105,6 +106,15 @@ def _init_distributed() -> None:
              dist.get_world_size(), os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
 
 
+def _debug_switches(cfg, stage: str) -> None:
+    """run.detect_anomaly (debug=fdr): torch.autograd's anomaly detection for the whole stage."""
+    if cfg.run.detect_anomaly and stage != "prep":
+        import torch
+
+        torch.autograd.set_detect_anomaly(True)
+        log.info("stage %s: torch.autograd anomaly detection on (run.detect_anomaly=true; slower)", stage)
+
+
 def _run_again(manifest: Manifest, cfg, stage: str, rank: int, why: str, requeue: bool) -> int:
     """The stage stopped early on purpose (checkpointed, or signalled): pending, and requeued under Slurm."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -159,7 +169,9 @@ def run_stage(run_dir: Path, stage: str, requeue: bool = False) -> int:
         signal.signal(signal.SIGUSR1, _on_signal)  # sbatch --signal=USR1@N: the time limit is near
     try:
         _init_distributed()
-        result = REGISTRY[stage].entry()(cfg) or {}
+        _debug_switches(cfg, stage)
+        with forward_metrics(cfg, stage, run_dir / stage, rank):  # logger=wandb|mlflow: rank 0 forwards metrics
+            result = REGISTRY[stage].entry()(cfg) or {}
     except SystemExit as e:
         if e.code != EX_TEMPFAIL:
             raise

@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from launcher.config import KitConfig
 from launcher.errors import ConfigError, suggest
 from launcher.stages import parse_stage_selection
+from launcher.tracking import config_problems as tracking_problems
 from modeling.formats import detect_format
 from rm_training.config import COSINE_SCHEDULE, SCHEDULE_NAMES
 
@@ -87,8 +88,10 @@ def check_key(schema: DictConfig, key: str) -> str | None:
     return None
 
 
-def check_overrides(args: Sequence[str]) -> None:
-    """Fail on unknown keys and values of the wrong type in command-line overrides."""
+def check_overrides(args: Sequence[str], is_group: Callable[[str], bool] = GROUPS.__contains__) -> None:
+    """Fail on unknown keys and values of the wrong type in command-line overrides.
+
+    `is_group`: whether a name is a config group (launcher.cli asks Hydra's search path)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ChoiceSweep, OverrideType
 
@@ -109,7 +112,7 @@ def check_overrides(args: Sequence[str]) -> None:
     problems: List[str] = []
     for o in overrides:
         key = o.key_or_group
-        if o.package is not None or key.startswith("hydra") or key.split(".")[0] in GROUPS and "." not in key:
+        if o.package is not None or key.startswith("hydra") or "." not in key and is_group(key):
             continue  # config-group choices and Hydra's own keys: Hydra checks those
         if o.type == OverrideType.ADD or o.type == OverrideType.DEL:
             continue
@@ -358,6 +361,7 @@ def validate(cfg: DictConfig, stages: Sequence[str], dry_run: bool = False,
     problems += _optim(cfg, stages)
     problems += _loop(cfg, stages)
     problems += _engine(cfg, stages)
+    problems += tracking_problems(cfg, stages)  # logger= (its package installed), optimized_metric
     files = _files(cfg, stages)
     if dry_run:  # a dry run previews a config for another machine: missing files are warnings
         for msg in files:

@@ -129,35 +129,3 @@ def test_toy_learning_rates_stay_with_the_tiny_model():
         assert cfg.ppo.model.optim.lr == 9e-7 and cfg.ppo.model.ppo.ppo_epochs == 1
         assert cfg.run.name == "quickstart" and cfg.data.source == "sample"
 
-
-def test_the_kit_sweeper_composes_each_point_as_hydra_does():
-    """hydra/sweeper=kit composes once per group choice and applies each point's key=value overrides to a
-    copy (hydra_plugins/rlhf_kit): every point's config must equal Hydra's full composition of it."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.types import HydraContext, RunMode
-    from omegaconf import open_dict
-
-    from tests.kit import CONF
-
-    compose_cfg([])  # registers the schema; Hydra's plugin scan (re-)executes the plugin modules: import after it
-    from hydra_plugins.rlhf_kit.kit_sweeper import KitSweeper
-
-    GlobalHydra.instance().clear()
-    args = ["stage=rm", "model=tiny,gpt_2b", "model.restore_from_path=/x.nemo", "rm.model.optim.lr=1e-6,2e-6",
-            "+cluster.env.A=1", "rm.model.optim={sched:{name:constant}}", "experiment=quickstart"]
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        loader = GlobalHydra.instance().config_loader()
-        master = loader.load_configuration("config", overrides=args, run_mode=RunMode.MULTIRUN)
-        sweeper = KitSweeper(max_batch_size=None)
-        sweeper.hydra_context, sweeper.config = HydraContext(config_loader=loader, callbacks=None), master
-        points = sweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)[0]
-        assert len(points) == 4
-        for point, cfg in zip(points, sweeper.point_configs(points)):
-            full = loader.load_sweep_config(master, list(point))
-            with open_dict(full):
-                del full["hydra"]
-            assert OmegaConf.to_yaml(cfg) == OmegaConf.to_yaml(full), point
-            assert cfg.rm.model.optim.sched.name == "constant" and cfg.cluster.env.A == "1"
-        assert {c.model.name for c in sweeper.point_configs(points)} == {"tiny", "gpt_2b"}
