@@ -112,8 +112,9 @@ def shape(optim_cfg: Any, total_steps: int) -> ScheduleShape:
     name = _get(sched, "name")
     peak = max(lrs)
     min_lr = float(_get(sched, "min_lr", 0.0) or 0.0) if name == COSINE_SCHEDULE else peak
-    at_min = sum(1 for x in lrs if x <= min_lr * (1 + 1e-9)) if min_lr < peak * (1 - 1e-9) else 0
     warm = next((i for i, x in enumerate(lrs) if x >= peak * (1 - 1e-9)), 0)
+    # warmup steps below min_lr are warmup, not a hold at min_lr: count only from the peak on
+    at_min = sum(1 for x in lrs[warm:] if x <= min_lr * (1 + 1e-9)) if min_lr < peak * (1 - 1e-9) else 0
     return ScheduleShape(name, total, warm, at_min, lrs[0], peak, lrs[-1], min_lr)
 
 
