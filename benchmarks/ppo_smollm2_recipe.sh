@@ -5,7 +5,8 @@
 # makes its train and test splits from them). Then benchmarks/policy_compare.py scores the initial and
 # the trained policy on all held-out prompts with the run's reward model.
 #
-#   bash benchmarks/ppo_smollm2_recipe.sh split  HH.jsonl.gz DIR   # DIR/harmless-base/{train,test}.jsonl.gz
+#   bash benchmarks/ppo_smollm2_recipe.sh split  HH.jsonl.gz DIR [START]  # DIR/harmless-base/{train,test}.jsonl.gz:
+#        held out = the 312 records from START (default 2000, the last 312), train = the other 2,000
 #   bash benchmarks/ppo_smollm2_recipe.sh rm     DIR RUN [overrides...]
 #   bash benchmarks/ppo_smollm2_recipe.sh ppo    DIR RUN [overrides...]
 #   bash benchmarks/ppo_smollm2_recipe.sh compare RUN
@@ -15,15 +16,17 @@ mode=$1; shift
 PY=${PYTHON:-python}
 case $mode in
   split)
-    src=$1; dst=$2
+    src=$1; dst=$2; start=${3:-2000}
     mkdir -p "$dst/harmless-base"
-    $PY - "$src" "$dst" <<'PY'
+    $PY - "$src" "$dst" "$start" <<'PY'
 import gzip, sys
 lines = [l for l in gzip.open(sys.argv[1], "rt").read().splitlines() if l.strip()]
-for name, part in (("train", lines[:2000]), ("test", lines[2000:])):
+a = int(sys.argv[3]); b = a + len(lines) - 2000
+held, train = lines[a:b], lines[:a] + lines[b:]
+for name, part in (("train", train), ("test", held)):
     with gzip.open(f"{sys.argv[2]}/harmless-base/{name}.jsonl.gz", "wt") as f:
         f.write("\n".join(part) + "\n")
-print(f"train {len(lines[:2000])} records, test {len(lines[2000:])} records")
+print(f"train {len(train)} records, test {len(held)} records (held out: records {a}..{b - 1})")
 PY
     ;;
   rm)

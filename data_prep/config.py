@@ -27,3 +27,6 @@ class DataConfig:
     workers: int = 2
     append_eod: bool = True
     output_prefix: str = "hh_comparison"
+    # how dialogues are written: nemo (the hands-on's "User: ...\n\nAssistant: ...", byte for byte) |
+    # chatml (<|im_start|>user ... <|im_end|>, for ChatML models such as SmolLM2): data_prep.hh.PROMPT_FORMATS
+    prompt_format: str = "nemo"

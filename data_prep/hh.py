@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from typing import Iterable, Optional, Tuple
 
 from tqdm import tqdm
@@ -23,11 +24,47 @@ PROMPT_CONTINUATION_FORMAT = "{text}\n\nUser: {body}\n\nAssistant: {response}"
 NEXT_TURN_MARKER = "\n\nUser:"
 
 
-def convert_string_format(string: str) -> Optional[Tuple[str, str]]:
+@dataclass(frozen=True)
+class PromptFormat:
+    """How HH's turns are written out. `first`/`continuation` render a turn (the dialogue so far in
+    `text`), `prompt_cut` characters come off the end of the prompt (the hands-on drops the space after
+    "Assistant:"), `next_turn` is where the user's next turn starts (an end string for rollouts)."""
+    name: str
+    first: str
+    continuation: str
+    prompt_cut: int
+    next_turn: str
+    needs_tokens: Tuple[str, ...] = ()  # special tokens the tokenizer must have as single tokens
+
+
+# `data.prompt_format`:
+#  nemo:   the hands-on's process_anthropic_hh.py, byte for byte ("User: ...\n\nAssistant: ...").
+#  chatml: the chat template of ChatML models (SmolLM2, Qwen): "<|im_start|>user\n...<|im_end|>\n
+#          <|im_start|>assistant\n...". The last response is left open: prep's EOD token (append_eod),
+#          <|im_end|> for these tokenizers, closes it, as the policy closes its own answers.
+PROMPT_FORMATS = {
+    "nemo": PromptFormat("nemo", START_PROMPT_FORMAT, PROMPT_CONTINUATION_FORMAT, 1, NEXT_TURN_MARKER),
+    "chatml": PromptFormat(
+        "chatml",
+        "<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n{response}",
+        "{text}<|im_end|>\n<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n{response}",
+        0, "<|im_start|>user", ("<|im_start|>", "<|im_end|>")),
+}
+
+
+def prompt_format(name: Optional[str]) -> PromptFormat:
+    try:
+        return PROMPT_FORMATS[name or "nemo"]
+    except KeyError:
+        raise ValueError(f"data.prompt_format={name!r}: expected one of {', '.join(PROMPT_FORMATS)}") from None
+
+
+def convert_string_format(string: str, fmt: PromptFormat = PROMPT_FORMATS["nemo"]) -> Optional[Tuple[str, str]]:
     """One HH transcript -> (dialogue, prompt), or None when a turn does not split in two.
 
-    Kept exactly as the hands-on (including its quirks: a transcript with no turns at all gives
-    ("", ""), and the prompt is the dialogue up to the last "Assistant:" without its trailing space).
+    Kept exactly as the hands-on for the nemo format (including its quirks: a transcript with no turns
+    at all gives ("", ""), and the prompt is the dialogue up to the last "Assistant:" without its
+    trailing space).
     """
     string_to_use = ""
     prompt_string_to_use = ""
@@ -39,17 +76,15 @@ def convert_string_format(string: str) -> Optional[Tuple[str, str]]:
             return None
         body, response = output
         if len(string_to_use) == 0:
-            prompt_string_to_use = START_PROMPT_FORMAT.format(body=body, response="")
-            string_to_use = START_PROMPT_FORMAT.format(body=body, response=response)
+            prompt_string_to_use = fmt.first.format(body=body, response="")
+            string_to_use = fmt.first.format(body=body, response=response)
         else:
-            prompt_string_to_use = PROMPT_CONTINUATION_FORMAT.format(
-                text=string_to_use, body=body, response="")
-            string_to_use = PROMPT_CONTINUATION_FORMAT.format(
-                text=string_to_use, body=body, response=response)
-    return string_to_use, prompt_string_to_use[:-1]
+            prompt_string_to_use = fmt.continuation.format(text=string_to_use, body=body, response="")
+            string_to_use = fmt.continuation.format(text=string_to_use, body=body, response=response)
+    return string_to_use, (prompt_string_to_use[:-fmt.prompt_cut] if fmt.prompt_cut else prompt_string_to_use)
 
 
-def convert_pair(record) -> Tuple[Optional[dict], Optional[str]]:
+def convert_pair(record, fmt: PromptFormat = PROMPT_FORMATS["nemo"]) -> Tuple[Optional[dict], Optional[str]]:
     """A raw HH record -> ({"prompt","chosen","rejected"}, None) or (None, drop reason)."""
     if not isinstance(record, dict):
         return None, "not_an_object"
@@ -58,8 +93,8 @@ def convert_pair(record) -> Tuple[Optional[dict], Optional[str]]:
             return None, f"missing_{key}"
         if not isinstance(record[key], str):
             return None, f"{key}_not_a_string"
-    c = convert_string_format(record["chosen"])
-    r = convert_string_format(record["rejected"])
+    c = convert_string_format(record["chosen"], fmt)
+    r = convert_string_format(record["rejected"], fmt)
     # the hands-on drops both cases silently; we name them
     if c is None:
         return None, "chosen_turns_do_not_split"
@@ -99,7 +134,7 @@ class JoinedJsonlWriter:
 
 
 def write_split(records: Iterable[Tuple[str, int, object]], out_dir: str, split: str,
-                drops: DropLog, max_pairs: Optional[int] = None) -> dict:
+                drops: DropLog, max_pairs: Optional[int] = None, fmt: PromptFormat = PROMPT_FORMATS["nemo"]) -> dict:
     """Stream (source, line, record-or-error) into `{split}_prompts.jsonl` / `{split}_comparisons.jsonl`.
 
     A record that failed to parse arrives as a `data_prep.sources.BadRecord`; it is counted and skipped.
@@ -116,7 +151,7 @@ def write_split(records: Iterable[Tuple[str, int, object]], out_dir: str, split:
             read += 1
             reason = getattr(record, "reason", None)  # BadRecord from the reader
             if reason is None:
-                pair, reason = convert_pair(record)
+                pair, reason = convert_pair(record, fmt)
             if reason is not None:
                 drops.add(reason, where, line)
                 continue

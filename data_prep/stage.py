@@ -15,7 +15,7 @@ import time
 from typing import Optional
 
 from data_prep.config import DataConfig
-from data_prep.hh import write_split
+from data_prep.hh import prompt_format, write_split
 from data_prep.indexed import bin_path, idx_path
 from data_prep.report import DropLog, write_json_atomic
 from data_prep.sources import iter_records, source_fingerprint
@@ -63,7 +63,8 @@ def prep_jsonl(data: DataConfig, out_dir: str, split: str) -> dict:
     fp_path = os.path.join(out_dir, f"{split}_jsonl.fingerprint.json")
     key = _key(step="jsonl", version=FORMAT_VERSION, source=data.source, hub=data.hub_name,
                subsets=list(data.subsets), max_pairs=data.max_pairs, split=split,
-               input=source_fingerprint(data, split))
+               input=source_fingerprint(data, split),
+               **({"prompt_format": data.prompt_format} if data.prompt_format != "nemo" else {}))
     outputs = [os.path.join(out_dir, f"{split}_{k}.jsonl") for k in ("prompts", "comparisons")]
     rec = _load_fingerprint(fp_path, key, outputs)
     if rec:
@@ -72,7 +73,7 @@ def prep_jsonl(data: DataConfig, out_dir: str, split: str) -> dict:
     _invalidate(fp_path)
     t0 = time.time()
     drops = DropLog()
-    res = write_split(iter_records(data, split), out_dir, split, drops, data.max_pairs)
+    res = write_split(iter_records(data, split), out_dir, split, drops, data.max_pairs, prompt_format(data.prompt_format))
     report = {"records_read": res["read"], "pairs_kept": res["kept"], "dropped": drops.to_dict(),
               "seconds": round(time.time() - t0, 3)}
     write_json_atomic(fp_path, {"key": key, "report": report})
@@ -156,6 +157,11 @@ def prepare(data: DataConfig, out_dir: str, restore_from_path: Optional[str] = N
     for split in splits:
         report["splits"][split] = {"jsonl": prep_jsonl(data, out_dir, split)}
     tok, tok_info = prep_tokenizer(data, out_dir, restore_from_path)
+    fmt = prompt_format(data.prompt_format)
+    missing = [t for t in fmt.needs_tokens if getattr(tok, "token_id", lambda _t: None)(t) is None]
+    if missing:
+        raise ValueError(f"data.prompt_format={fmt.name}: the tokenizer {tok.path} has no {' or '.join(missing)} "
+                         f"token; use data.prompt_format=nemo, or a tokenizer of a {fmt.name} model")
     report["tokenizer"] = dict(tok_info, path=tok.path, library=tok.library,
                                vocab_size=tok.vocab_size, eos_id=tok.eos_id)
     prefixes, prompts, comparisons = {}, {}, {}

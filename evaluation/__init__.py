@@ -35,7 +35,7 @@ def run(cfg) -> dict:
     ev = eval_config(cfg.eval)
     out = {}
     if ev.rm.enabled:
-        out.update(evaluate_reward_model(ev.rm, cfg.run.stage_dir))
+        out.update(evaluate_reward_model(ev.rm, cfg.run.stage_dir, cfg.data.get("prompt_format", "nemo")))
     pe = ev.policy
     if pe.enabled and pe.restore_from_path:
         from evaluation.policy_eval import evaluate_policy

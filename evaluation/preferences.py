@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from data_prep.hh import START_PROMPT_FORMAT, convert_pair
+from data_prep.hh import PROMPT_FORMATS, START_PROMPT_FORMAT, PromptFormat, convert_pair
 from data_prep.report import DropLog
 from data_prep.sources import read_jsonl
 
@@ -41,7 +41,7 @@ def join(prompt: str, response: str, template: Optional[str]) -> str:
     return START_PROMPT_FORMAT.format(body=prompt, response=response)
 
 
-def _texts(record, template) -> Tuple[Optional[Tuple[str, str, str]], Optional[str]]:
+def _texts(record, template, fmt: PromptFormat = PROMPT_FORMATS["nemo"]) -> Tuple[Optional[Tuple[str, str, str]], Optional[str]]:
     """A record -> ((chosen text, rejected text, subset), None) or (None, reason)."""
     if not isinstance(record, dict):
         return None, "not_an_object"
@@ -58,14 +58,14 @@ def _texts(record, template) -> Tuple[Optional[Tuple[str, str, str]], Optional[s
             return None, "empty_response"
         p = record["prompt"]
         return (join(p, record["chosen"], template), join(p, record["rejected"], template), subset), None
-    pair, reason = convert_pair(record)
+    pair, reason = convert_pair(record, fmt)
     if reason is not None:
         return None, reason
     return (pair["chosen"], pair["rejected"], subset), None
 
 
 def read_jsonl_pairs(path: str, tokenizer, seq_length: int, drops: DropLog, template: Optional[str] = None,
-                     max_pairs: Optional[int] = None) -> List[Pair]:
+                     max_pairs: Optional[int] = None, fmt: PromptFormat = PROMPT_FORMATS["nemo"]) -> List[Pair]:
     label = os.path.basename(path)
     kept: List[Tuple[str, str, str, int]] = []
     for _, line, record in read_jsonl(path, label):
@@ -74,7 +74,7 @@ def read_jsonl_pairs(path: str, tokenizer, seq_length: int, drops: DropLog, temp
         reason = getattr(record, "reason", None)
         texts = None
         if reason is None:
-            texts, reason = _texts(record, template)
+            texts, reason = _texts(record, template, fmt)
         if reason is not None:
             drops.add(reason, label, line)
             continue
@@ -113,11 +113,12 @@ def read_mmap_pairs(prefix: str, seq_length: int, drops: DropLog, max_pairs: Opt
 
 
 def load_pairs(path: str, tokenizer, seq_length: int, drops: DropLog, template: Optional[str] = None,
-               max_pairs: Optional[int] = None) -> List[Pair]:
+               max_pairs: Optional[int] = None, fmt: PromptFormat = PROMPT_FORMATS["nemo"]) -> List[Pair]:
+    """Raw HH records are written in `fmt` (data.prompt_format), as prep writes them."""
     if path.endswith(JSONL_SUFFIXES):
         if not os.path.exists(path):
             raise FileNotFoundError(f"preference set {path} does not exist")
-        return read_jsonl_pairs(path, tokenizer, seq_length, drops, template, max_pairs)
+        return read_jsonl_pairs(path, tokenizer, seq_length, drops, template, max_pairs, fmt)
     if os.path.exists(path + ".bin") and os.path.exists(path + ".idx"):
         return read_mmap_pairs(path, seq_length, drops, max_pairs)
     raise FileNotFoundError(f"preference set {path}: neither a .jsonl(.gz) file nor a mmap prefix "

@@ -12,6 +12,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+from data_prep.hh import prompt_format as hh_prompt_format
 from data_prep.report import DropLog, write_json_atomic
 
 from .config import RewardEvalConfig
@@ -72,7 +73,7 @@ def score(model, seqs: List[List[int]], micro_batch_size: int, pad_id: int, devi
     return out
 
 
-def evaluate_reward_model(ev: RewardEvalConfig, stage_dir: str) -> Dict[str, str]:
+def evaluate_reward_model(ev: RewardEvalConfig, stage_dir: str, prompt_format: str = "nemo") -> Dict[str, str]:
     from modeling import compute_dtype, load_pretrained
 
     os.makedirs(stage_dir, exist_ok=True)
@@ -94,7 +95,8 @@ def evaluate_reward_model(ev: RewardEvalConfig, stage_dir: str) -> Dict[str, str
     tok = reward_tokenizer(ev.restore_from_path, stage_dir)
     seq_length = ev.seq_length or model.config.encoder_seq_length
     drops = DropLog()
-    pairs: List[Pair] = load_pairs(str(data), tok, seq_length, drops, ev.template, ev.max_pairs)
+    pairs: List[Pair] = load_pairs(str(data), tok, seq_length, drops, ev.template, ev.max_pairs,
+                                   hh_prompt_format(prompt_format))
     if not pairs:
         raise ValueError(f"{data}: no usable pairs ({drops.to_dict()['by_reason']})")
     t0 = time.perf_counter()
