@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 if __package__ in (None, ""):  # `python launcher/main.py` from a checkout: make the packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,7 +25,7 @@ from launcher.executors import make_executor
 from launcher.manifest import Manifest, atomic_write_text
 from launcher.plan import make_plan
 from launcher.tracking import read_metric
-from launcher.validate import schema, validate_request
+from launcher.validate import request_problems, schema
 
 log = logging.getLogger("launcher")
 ConfigStore.instance().store(name="kit_schema", node=schema())  # KitConfig, built once for both uses
@@ -39,16 +39,28 @@ def _run_dir(cfg: DictConfig) -> Path:
     return absolute(cfg.run.dir)
 
 
+# problems the command line's pre-check found in arguments it took out (reported with validation's)
+PRECHECK_PROBLEMS: List[str] = []
+
+
 def launch(cfg: DictConfig) -> int:
     """Validate, plan and run (or render) the selected stages. Returns an exit code."""
-    stages = validate_request(cfg)
-    problems = run_dir_problems()
-    if problems:
-        raise ConfigError(problems)
+    stages, problems = request_problems(cfg)
+    problems = PRECHECK_PROBLEMS + problems + run_dir_problems()
     run_dir = _run_dir(cfg)
     base_dir = absolute(cfg.run.dir)  # a sweep point may use what its base run recorded (prep, once)
-    jobs = make_plan(cfg, stages, run_dir, force=cfg.force, dry_run=cfg.dry_run,
-                     base_dir=base_dir if base_dir != run_dir else None)
+    jobs = []
+    if stages:
+        try:  # planning finds what validation cannot (inputs, schedules): reported with the rest
+            jobs = make_plan(cfg, stages, run_dir, force=cfg.force, dry_run=cfg.dry_run,
+                             base_dir=base_dir if base_dir != run_dir else None)
+        except ConfigError as e:
+            problems += [p for p in e.problems if p not in problems]
+        except Exception:  # noqa: BLE001 - planning a config already refused: its problems say why
+            if not problems:
+                raise
+    if problems:
+        raise ConfigError(problems)
     executor = make_executor(cfg.cluster)
     if executor.name == "slurm" and _in_sweep_job():
         from launcher.executors import LocalExecutor  # a sweep point already is a Slurm job: no nested submission
@@ -144,7 +156,9 @@ def hydra_main(cfg: DictConfig) -> int:
 def main() -> None:
     sys.argv[1:] = kit_argv(sys.argv[1:])
     try:
-        precheck(sys.argv[1:])
+        argv = sys.argv[1:]
+        PRECHECK_PROBLEMS[:] = precheck(argv)  # may take the arguments at fault out of argv
+        sys.argv[1:] = argv
     except ConfigError as e:
         print(f"error: {e.render()}", file=sys.stderr)
         sys.exit(2)

@@ -43,6 +43,10 @@ class StageJob:
     def config_path(self) -> Path:
         return self.stage_dir / "config.yaml"
 
+    def run_yaml(self) -> str:
+        """The YAML written to <stage>/config.yaml before launch (deferred inputs still null)."""
+        return OmegaConf.to_yaml(self.cfg, resolve=True)
+
     def yaml(self) -> str:
         text = OmegaConf.to_yaml(self.cfg, resolve=True)
         if self.deferred:
@@ -137,9 +141,8 @@ def make_plan(cfg: DictConfig, stages: List[str], run_dir: Path, force: bool, dr
         scfg.run.stage_dir = str(run_dir / stage)
         if force_id:
             scfg.run.force_id = force_id  # the stage trains from step 0, whatever checkpoints it finds
-        for section in ("rm", "ppo"):
-            if stage == section and scfg[section].exp_manager.explicit_log_dir is None:
-                scfg[section].exp_manager.explicit_log_dir = str(run_dir / stage)
+        if REGISTRY[stage].trainer and scfg[stage].exp_manager.explicit_log_dir is None:
+            scfg[stage].exp_manager.explicit_log_dir = str(run_dir / stage)
         # earlier stages of this run that are up to date hand over their recorded artifacts now
         pending = [s for s in stages[:i] if not any(j.stage == s and j.up_to_date for j in jobs)]
         deferred, after, errs = resolve_inputs(scfg, stage, manifest, pending, dry_run, base)
@@ -181,11 +184,6 @@ def _unset(value: Any) -> bool:
 
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
-def stage_config_for_run(job: StageJob) -> str:
-    """The YAML written to <stage>/config.yaml before launch (deferred inputs still null)."""
-    return OmegaConf.to_yaml(job.cfg, resolve=True)
 
 
 def find_job(jobs: List[StageJob], stage: str) -> Optional[StageJob]:
