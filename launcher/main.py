@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -24,6 +25,7 @@ from launcher.errors import ConfigError
 from launcher.executors import make_executor
 from launcher.manifest import Manifest, atomic_write_text
 from launcher.plan import make_plan
+from launcher.runlock import RunLock
 from launcher.tracking import read_metric
 from launcher.validate import request_problems, schema
 
@@ -50,6 +52,7 @@ def launch(cfg: DictConfig) -> int:
     run_dir = _run_dir(cfg)
     base_dir = absolute(cfg.run.dir)  # a sweep point may use what its base run recorded (prep, once)
     jobs = []
+    stamp = _manifest_stamp(run_dir)
     if stages:
         try:  # planning finds what validation cannot (inputs, schedules): reported with the rest
             jobs = make_plan(cfg, stages, run_dir, force=cfg.force, dry_run=cfg.dry_run,
@@ -71,6 +74,34 @@ def launch(cfg: DictConfig) -> int:
         return _dry_run(jobs, executor, run_dir)
     if executor.name == "slurm":
         executor.check_submittable()
+    with RunLock(run_dir) as lock:  # one launch per run directory: a second one is refused here
+        if _manifest_stamp(run_dir) != stamp:  # the run changed while this launch was planning it
+            jobs = make_plan(cfg, stages, run_dir, force=cfg.force, dry_run=False,
+                             base_dir=base_dir if base_dir != run_dir else None)
+        _refuse_live_slurm_jobs(run_dir)
+        executor.inherit_fds = [lock.fd]
+        return _execute(jobs, executor, run_dir)
+
+
+def _manifest_stamp(run_dir: Path):
+    try:
+        return Manifest(run_dir).path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def _refuse_live_slurm_jobs(run_dir: Path) -> None:
+    """A run submitted to Slurm holds no lock once submitted: its queued or running jobs say it is live."""
+    from launcher.runs import live_slurm_jobs
+
+    live = live_slurm_jobs(run_dir)
+    if live:
+        raise ConfigError([f"run.dir={run_dir}: this run's Slurm jobs are still queued or running ("
+                           + ", ".join(f"{s}: job {j}" for s, j in live.items()) + ")",
+                           f"wait for them, or cancel them: python -m launcher.runs cancel {shlex.quote(str(run_dir))}"])
+
+
+def _execute(jobs, executor, run_dir: Path) -> int:
     manifest = Manifest(run_dir)
     manifest.record_command()
     todo = []

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -33,6 +34,18 @@ def run_dirs(path: Path) -> List[Path]:
 def _slurm_ids(manifest: Manifest) -> Dict[str, str]:
     return {name: e["job_ids"][-1] for name, e in manifest.read()["stages"].items()
             if e.get("executor") == "slurm" and e.get("job_ids")}
+
+
+def live_slurm_jobs(run_dir: Path) -> Dict[str, str]:
+    """{stage: job id} of the run's stages whose Slurm job is still queued or running."""
+    ids = {s: j for s, j in _slurm_ids(Manifest(run_dir)).items()
+           if Manifest(run_dir).stage(s).get("status") in ("pending", "running")}
+    if not ids or shutil.which("squeue") is None:
+        return {}
+    from launcher import slurm
+
+    infos = slurm.job_info(list(ids.values()))
+    return {s: j for s, j in ids.items() if j in infos and not slurm.is_terminal(infos[j]["State"])}
 
 
 def status(path: Path, out=sys.stdout) -> int:

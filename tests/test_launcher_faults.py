@@ -57,3 +57,81 @@ def test_an_unchanged_second_run_skips_every_stage(tmp_path):
     assert {s: e["fingerprint"] for s, e in second["stages"].items()} == \
         {s: e["fingerprint"] for s, e in first["stages"].items()}
     assert second["updated"] > first["updated"]
+
+
+HOOKS = ROOT / "tests" / "slurm" / "hooks"  # KIT_TEST_HOOK: test-only stage behaviours (sitecustomize.py there)
+
+
+def hooked(mode: str, stage: str):
+    return [f"+cluster.env.PYTHONPATH={HOOKS}{os.pathsep}{ROOT}", f"+cluster.env.KIT_TEST_HOOK={mode}:{stage}"]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_a_second_launch_is_refused_and_sigterm_stops_the_stage_it_hands_over_to(tmp_path):
+    """Two launches on one run directory both trained (every metrics row twice). Now the second is
+    refused at once naming the first (pid, host, since); SIGTERM to the first is handed to its stage,
+    which is recorded as stopped (not left "running", its process orphaned), and the launcher exits 143."""
+    run = tmp_path / "run"
+    first = launch("stage=prep", f"run.dir={run}", *hooked("slow", "prep"))
+    try:
+        wait_for(lambda: stage_status(run, "prep") == "running", what="prep running")
+        started = time.time()
+        r = cli("stage=prep", f"run.dir={run}", timeout=60)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert time.time() - started < 30, "refused at once, not after waiting"
+        assert f"another launch is running in this run directory (pid {first.pid} on host {socket.gethostname()}, " \
+               "running since 20" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+        stage_pid = int(manifest(run)["stages"]["prep"]["job_ids"][0])
+        first.send_signal(signal.SIGTERM)
+        out, _ = first.communicate(timeout=90)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 128 + signal.SIGTERM, out.decode()[-3000:]
+    entry = manifest(run)["stages"]["prep"]
+    assert entry["status"] == "cancelled" and "the launcher received SIGTERM" in entry["error"], entry
+    assert entry["finished"]
+    wait_for(lambda: _gone(stage_pid), timeout=10, what="the stage process to end")
+
+
+def test_a_stale_lock_of_a_dead_launch_is_taken_over_saying_so(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    (run / ".launch.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                                  "since": "2026-01-01T00:00:00+0000", "command": "python x"}))
+    r = cli("stage=prep", f"run.dir={run}", "data.max_pairs=32", timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"taking over a stale lock of launch pid {dead.pid} (no longer running, started 2026-01-01" in r.stdout
+    assert manifest(run)["stages"]["prep"]["status"] == "succeeded"
+
+
+def test_the_stages_of_a_killed_launcher_still_hold_the_run(tmp_path):
+    """SIGKILL cannot be handed over: the orphaned stage still holds the run directory's lock, so a
+    second launch is refused (naming the dead launcher) instead of training beside it."""
+    run = tmp_path / "run"
+    first = launch("stage=prep", f"run.dir={run}", *hooked("slow", "prep"))
+    stage_pid = None
+    try:
+        wait_for(lambda: stage_status(run, "prep") == "running", what="prep running")
+        stage_pid = int(manifest(run)["stages"]["prep"]["job_ids"][0])
+        first.kill()
+        first.wait()
+        r = cli("stage=prep", f"run.dir={run}", timeout=60)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert f"pid {first.pid}" in r.stderr and "that launcher has exited; stage processes it started still run" \
+            in r.stderr, r.stderr
+    finally:
+        if first.poll() is None:
+            first.kill()
+        if stage_pid and not _gone(stage_pid):
+            os.kill(stage_pid, signal.SIGKILL)  # the orphan this test made
