@@ -67,11 +67,15 @@ def status(path: Path, out=sys.stdout) -> int:
             info = infos.get(jid) if jid else None
             if info:
                 entry = slurm.reconcile(manifest, stage, info)
-            state = f"{info['State']} {info['Elapsed']}" if info else ("-" if not jid else "not known to Slurm")
+            if entry.get("executor") == "local":
+                where = "local (pid)" if entry.get("status") in ("pending", "running") else "local"
+            else:
+                where = "slurm " + (f"{info['State']} {info['Elapsed']}" if info else
+                                    "-" if not jid else "not known to Slurm")
             detail = entry.get("error") or entry.get("requeue_note") or ", ".join(
                 f"{k}={v}" for k, v in entry.get("artifacts", {}).items() if isinstance(v, str))
             print(f"  {stage:5s} {entry.get('status', '?'):9s} job {jid or ','.join(entry.get('job_ids', [])) or '-':>8s}"
-                  f"  slurm {state:24s} {detail}", file=out)
+                  f"  {where:30s} {detail}", file=out)
             if entry.get("status") == "failed":
                 worst = 1
     return worst

@@ -135,3 +135,22 @@ def test_the_stages_of_a_killed_launcher_still_hold_the_run(tmp_path):
             first.kill()
         if stage_pid and not _gone(stage_pid):
             os.kill(stage_pid, signal.SIGKILL)  # the orphan this test made
+
+
+def test_a_stage_killed_by_sigkill_exits_137_reported_as_a_likely_oom_kill_with_its_peak_memory(tmp_path):
+    """A stage the kernel's OOM killer ends (SIGKILL: the hook kills itself so) gave the launcher
+    exit status 247 and 'killed by signal 9'. Now: 128+9, the likely cause, the stage's peak memory
+    and the keys that lower it; `runs status` says "local" for a local stage, not a blank Slurm state."""
+    run = tmp_path / "run"
+    r = cli("stage=prep", f"run.dir={run}", *hooked("die", "prep"), timeout=300)
+    assert r.returncode == 128 + signal.SIGKILL, r.stdout[-3000:] + r.stderr[-3000:]
+    entry = manifest(run)["stages"]["prep"]
+    assert entry["status"] == "failed", entry
+    err = entry["error"]
+    assert err.startswith("killed by SIGKILL (signal 9, exit status 137): most likely the kernel's out-of-memory "
+                          "killer (or kill -9), peak memory ") or "the kernel's out-of-memory killer ended it" in err, err
+    assert "GiB (ru_maxrss)" in err and "data.workers" in err and " 0.00 GiB" not in err, err
+    st = subprocess.run([sys.executable, "-m", "launcher.runs", "status", str(run)], cwd=ROOT, capture_output=True,
+                        text=True, timeout=60)
+    line = next(l for l in st.stdout.splitlines() if l.strip().startswith("prep"))
+    assert " local " in line and "slurm" not in line, st.stdout
