@@ -112,6 +112,16 @@ def inside_submitit_job() -> bool:
 def cluster_problems(c) -> List[str]:
     """What the Slurm keys get wrong, all of it (validation reports it with the rest before launch)."""
     problems: List[str] = []
+    # each of these lands on a line of the batch script (#SBATCH --partition=..., srun ...): a newline in
+    # one would start a line of its own, which the script would run
+    lines = {f"cluster.{k}": c[k] for k in ("partition", "account", "qos", "time", "mem", "constraint",
+                                           "container_image", "python") if c[k] is not None}
+    lines.update({f"cluster.container_mounts[{i}]": v for i, v in enumerate(c.container_mounts)})
+    lines.update({f"cluster.srun_args[{i}]": v for i, v in enumerate(c.srun_args)})
+    for k, v in c.sbatch_args.items():
+        lines[f"cluster.sbatch_args.{k} (its name)"] = k
+        lines[f"cluster.sbatch_args.{k}"] = v
+    problems += [one_line_problem(key, value) for key, value in lines.items() if one_line_problem(key, value)]
     for key in c.sbatch_args:
         opt = str(key).lstrip("-")
         if opt in OWNED:
@@ -131,6 +141,13 @@ def cluster_problems(c) -> List[str]:
     except (ValueError, KeyError):
         problems.append(f"cluster.time={c.time!r} is not a Slurm time (MM, HH:MM:SS, D-HH[:MM[:SS]])")
     return problems
+
+
+def one_line_problem(key: str, value) -> Optional[str]:
+    """A value that reaches a line of a rendered script must stay on it."""
+    if isinstance(value, str) and ("\n" in value or "\r" in value):
+        return f"{key}={value!r}: holds a line break, which would put a line of its own in the rendered script"
+    return None
 
 
 def run_dir_problems(run_dir: str) -> List[str]:
@@ -283,8 +300,9 @@ class SlurmExecutor:
         for job, sjob in submitted:
             log.info("stage %s: submitted Slurm job %s, log: %s", job.stage, sjob.job_id, self.log_path(job, sjob.job_id))
         run_dir = jobs[0].run_dir
+        here = shlex.quote(str(run_dir))
         print(f"submitted {', '.join(f'{j.stage}={s.job_id}' for j, s in submitted)}; "
-              f"status: python -m launcher.runs status {run_dir}; cancel: python -m launcher.runs cancel {run_dir}",
+              f"status: python -m launcher.runs status {here}; cancel: python -m launcher.runs cancel {here}",
               flush=True)
         if not self.cluster.wait:
             return 0
@@ -412,7 +430,8 @@ def wait(manifest: Manifest, chain: List[Tuple[str, str]], poll_s: float = 1.0) 
                 return code
             time.sleep(poll_s)
     except KeyboardInterrupt:
-        log.warning("stopped waiting; the jobs keep running (python -m launcher.runs cancel %s)", manifest.run_dir)
+        log.warning("stopped waiting; the jobs keep running (python -m launcher.runs cancel %s)",
+                    shlex.quote(str(manifest.run_dir)))
         return 130
 
 

@@ -277,11 +277,22 @@ def _training(stages: Sequence[str]) -> List[str]:
 
 
 def _cluster(cfg: DictConfig) -> List[str]:
+    out = []
+    # what every launch script holds (launch.sh, the batch script): one line each, names a shell takes
+    for key in ("run.name", "run.dir"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and ("\n" in value or "\r" in value):
+            out.append(f"{key}={value!r}: holds a line break, which would put a line of its own in the rendered "
+                       "launch script")
+    for name in cfg.cluster.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(name)):
+            out.append(f"cluster.env.{name}: {str(name)!r} is not an environment variable name (letters, digits "
+                       "and _, not starting with a digit)")
     if cfg.cluster.name != "slurm":
-        return []
+        return out
     from launcher import slurm  # the one module that knows Slurm's options and times
 
-    return slurm.cluster_problems(cfg.cluster) + slurm.run_dir_problems(cfg.run.dir)
+    return out + slurm.cluster_problems(cfg.cluster) + slurm.run_dir_problems(cfg.run.dir)
 
 
 def _local_path(path: str | None) -> bool:

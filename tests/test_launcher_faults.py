@@ -154,3 +154,43 @@ def test_a_stage_killed_by_sigkill_exits_137_reported_as_a_likely_oom_kill_with_
                         text=True, timeout=60)
     line = next(l for l in st.stdout.splitlines() if l.strip().startswith("prep"))
     assert " local " in line and "slurm" not in line, st.stdout
+
+
+def refused(tmp_path, *args, expect: str) -> str:
+    """Exit 2, the key named, no traceback, nothing written."""
+    run = tmp_path / "run"
+    r = cli(f"run.dir={run}", *args, timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert expect in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not run.exists(), "a refused launch writes nothing"
+    return r.stderr
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["run.name='x\ntouch pwned'", "stage=prep"], "run.name='x\\ntouch pwned': holds a line break"),
+    (["cluster=slurm", "dry_run=true", "cluster.partition='gpu\n#SBATCH --wrap=id'"],
+     "cluster.partition='gpu\\n#SBATCH --wrap=id': holds a line break"),
+    (["cluster=slurm", "dry_run=true", "cluster.account='a\nb'", "cluster.mem='1G\nc'"], "cluster.mem='1G\\nc'"),
+    (["cluster=slurm", "dry_run=true", "+cluster.sbatch_args.comment='a\nid'"],
+     "cluster.sbatch_args.comment='a\\nid': holds a line break"),
+    (["stage=prep", "+cluster.env.BAD-NAME=1"], "cluster.env.BAD-NAME: 'BAD-NAME' is not an environment variable name"),
+    (["cluster=slurm", "dry_run=true", "LOCAL"], "cluster.env.X; id: 'X; id' is not an environment variable name"),
+])
+def test_strings_that_would_break_out_of_a_rendered_script_are_refused(tmp_path, args, expect):
+    """run.name with a newline put an executable line in launch.sh (`bash prep/launch.sh` ran it)."""
+    if "LOCAL" in args:  # an env name the command line cannot spell: from a config of the user's search path
+        (tmp_path / "conf" / "local").mkdir(parents=True)
+        (tmp_path / "conf" / "local" / "default.yaml").write_text('# @package _global_\ncluster:\n  env:\n'
+                                                                  '    "X; id": "1"\n')
+        args = [a for a in args if a != "LOCAL"] + [f"hydra.searchpath=[file://{tmp_path}/conf]"]
+    refused(tmp_path, *args, expect=expect)
+    assert not (ROOT / "pwned").exists()
+
+
+def test_a_percent_in_run_dir_is_refused_for_slurm(tmp_path):
+    """sbatch expands %j in --output: the job failed with no log."""
+    run = tmp_path / "a%jb"
+    r = cli("cluster=slurm", "dry_run=true", "stage=prep", f"run.dir={run}", timeout=120)
+    assert r.returncode == 2 and f"run.dir={run}: holds '%'" in r.stderr, r.stderr
+    assert not run.exists()
