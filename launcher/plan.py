@@ -18,7 +18,8 @@ from launcher.errors import ConfigError
 from launcher.schedules import check_stage
 from launcher.manifest import DONE, Manifest, artifact_exists, artifact_paths
 from launcher.stages import REGISTRY, shape_artifact
-from launcher.validate import checkpoint_problems, schema
+from launcher.inputs import checkpoint_problems
+from launcher.validate import schema
 
 log = logging.getLogger("launcher")
 DEFERRED = "filled at run time from {producer}'s '{artifact}' artifact"

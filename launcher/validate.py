@@ -22,7 +22,7 @@ from launcher.errors import ConfigError, suggest
 from launcher.manifest import artifact_exists
 from launcher.stages import REGISTRY, parse_stage_selection
 from launcher.tracking import config_problems as tracking_problems
-from modeling.formats import detect_format
+from launcher.inputs import checkpoint_problems, trainable_vocab_problems, vocab_problems
 from rm_training.config import COSINE_SCHEDULE, SCHEDULE_NAMES
 
 log = logging.getLogger("launcher")
@@ -322,17 +322,9 @@ def _files(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
         path = OmegaConf.select(cfg, key)
         if _local_path(path) and not artifact_exists(str(path)):
             out.append(f"{key}={path}: no such file (nor a data prefix with .bin and .idx)")
+    if _training(stages) and not out:
+        out += vocab_problems(cfg, stages)
     return out
-
-
-def checkpoint_problems(key: str, path: str) -> List[str]:
-    """An existing path that no checkpoint reader takes (a truncated download, a wrong file): said now,
-    not when the stage loads it after the ones before it ran."""
-    try:
-        detect_format(str(path))
-    except (ValueError, OSError) as e:
-        return [f"{key}={e}"]
-    return []
 
 
 def validate_request(cfg: DictConfig, warn: Optional[Callable[[str], None]] = None) -> List[str]:
@@ -443,6 +435,8 @@ def validate(cfg: DictConfig, stages: Sequence[str], dry_run: bool = False,
     problems += _loop(cfg, stages)
     problems += _engine(cfg, stages)
     problems += tracking_problems(cfg, stages)  # logger= (its package installed), optimized_metric
+    if "prep" in stages:
+        problems += trainable_vocab_problems(cfg)
     files = _files(cfg, stages)
     if dry_run:  # a dry run previews a config for another machine: missing files are warnings
         for msg in files:

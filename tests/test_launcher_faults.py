@@ -2,6 +2,7 @@
 against"). Real launcher CLI, real subprocesses, real files; each test fails without its fix."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -194,3 +195,95 @@ def test_a_percent_in_run_dir_is_refused_for_slurm(tmp_path):
     r = cli("cluster=slurm", "dry_run=true", "stage=prep", f"run.dir={run}", timeout=120)
     assert r.returncode == 2 and f"run.dir={run}: holds '%'" in r.stderr, r.stderr
     assert not run.exists()
+
+
+# ---------------------------------------------------------------- inputs refused at validation (issue 18 item 5)
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A real tiny .nemo (embedding of 512 rows, its own 400-piece tokenizer inside), one of 4096 rows,
+    and a 1000-piece tokenizer of another model: all trained and saved by the kit's own code."""
+    import torch
+
+    from data_prep.sources import iter_records
+    from data_prep.tokenizers import train_sentencepiece
+    from modeling import build_model, presets, save_nemo
+    from tests.kit import compose_cfg
+
+    d = tmp_path_factory.mktemp("ckpt")
+    data = compose_cfg([]).data
+    texts = [r["chosen"] for _, _, r in iter_records(data, "train") if isinstance(r, dict)]
+    tok400 = train_sentencepiece(iter(texts), 400, str(d / "tok400.model"))
+    tok1000 = train_sentencepiece(iter(texts), 1000, str(d / "tok1000.model"))
+    out = {"tok400": tok400, "tok1000": tok1000}
+    for rows in (512, 4096):
+        torch.manual_seed(0)
+        m = build_model(presets.tiny_gpt(), vocab_size=rows)
+        out[rows] = save_nemo(m, str(d / f"v{rows}.nemo"), tokenizer_path=tok400)
+    return out
+
+
+def _tar_with_config(path: Path, text: str) -> Path:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as t:
+        info = tarfile.TarInfo("./model_config.yaml")
+        info.size = len(text.encode())
+        t.addfile(info, io.BytesIO(text.encode()))
+    return path
+
+
+@pytest.mark.parametrize("kind, expect", [
+    ("truncated", "truncated: member"),
+    ("bad_yaml", "model_config.yaml is not valid YAML"),
+    ("a_list", "model_config.yaml holds a list, not a mapping of config keys"),
+    ("tokenizer_list", "model_config.yaml: 'tokenizer' holds a list, not a mapping"),
+])
+def test_a_malformed_nemo_is_refused_at_validation_naming_key_and_file(tmp_path, checkpoints, kind, expect):
+    """Each used to fail at run time, after prep ran (tarfile.ReadError, ParserError, 'list' object has
+    no attribute 'items')."""
+    bad = tmp_path / f"{kind}.nemo"
+    if kind == "truncated":
+        data = Path(checkpoints[512]).read_bytes()
+        bad.write_bytes(data[: len(data) * 2 // 3])
+    else:
+        _tar_with_config(bad, {"bad_yaml": "a: [b\nc: :\n", "a_list": "- a\n- b\n",
+                               "tokenizer_list": "hidden_size: 8\ntokenizer: [a, b]\n"}[kind])
+    refused(tmp_path, "stage=prep,rm", f"model.restore_from_path={bad}",
+            expect=f"model.restore_from_path={bad}: {expect}")
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["data.tokenizer.model=TOK1000"], "data.tokenizer.model=TOK1000: its vocabulary has 1000 tokens, but the "
+                                       "embedding of model.restore_from_path=V512 has 512 rows: token ids past 511 do not fit"),
+    ([], "data.tokenizer.vocab_size=8000: prep would train a new BPE of up to 8000 tokens (data.tokenizer.model is "
+         "null), but the embedding of model.restore_from_path=V512 has 512 rows"),
+    (["model.restore_from_path=V4096", "data.tokenizer.model=TOK400"],
+     "data.tokenizer.model=TOK400: its vocabulary has 400 tokens, but the embedding of model.restore_from_path="
+     "V4096 has 4096 rows: a tokenizer of another model"),
+])
+def test_a_tokenizer_that_does_not_fit_the_models_embedding_is_refused(tmp_path, checkpoints, args, expect):
+    """Larger: IndexError mid-stage; much smaller: silent training with a foreign tokenizer."""
+    names = {"TOK1000": checkpoints["tok1000"], "TOK400": checkpoints["tok400"], "V512": checkpoints[512],
+             "V4096": checkpoints[4096]}
+    sub = lambda s: functools.reduce(lambda acc, kv: acc.replace(kv[0], str(kv[1])), names.items(), s)  # noqa: E731
+    refused(tmp_path, "stage=prep,rm", f"model.restore_from_path={checkpoints[512]}", *[sub(a) for a in args],
+            expect=sub(expect))
+
+
+def test_the_checkpoints_own_tokenizer_is_accepted(tmp_path, checkpoints):
+    r = cli("stage=prep,rm", "dry_run=true", f"run.dir={tmp_path}/run", f"model.restore_from_path={checkpoints[512]}",
+            "data.tokenizer.library=nemo", timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "do not fit" not in r.stdout + r.stderr and "another model" not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("size, expect", [
+    (100, "data.tokenizer.vocab_size=100: a byte-fallback BPE needs more than 261 pieces"),
+    (300, "data.tokenizer.vocab_size=300: the training text needs at least 313 pieces (261 byte and special "
+          "pieces + 52 characters covering 99.95% of it); set data.tokenizer.vocab_size=313 or more"),
+])
+def test_a_vocab_size_the_corpus_cannot_train_is_refused_with_what_fits(tmp_path, size, expect):
+    """sentencepiece's 'INTERNAL: ... Vocabulary size is smaller than required_chars. 300 vs 313' after
+    the JSONL step ran. 313 is what sentencepiece itself asks for on the embedded sample."""
+    refused(tmp_path, "stage=prep", f"data.tokenizer.vocab_size={size}", expect=expect)
