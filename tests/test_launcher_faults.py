@@ -287,3 +287,45 @@ def test_a_vocab_size_the_corpus_cannot_train_is_refused_with_what_fits(tmp_path
     """sentencepiece's 'INTERNAL: ... Vocabulary size is smaller than required_chars. 300 vs 313' after
     the JSONL step ran. 313 is what sentencepiece itself asks for on the embedded sample."""
     refused(tmp_path, "stage=prep", f"data.tokenizer.vocab_size={size}", expect=expect)
+
+
+# ---------------------------------------------------------------- validation says everything, before anything runs
+def test_a_plus_key_typo_is_refused_with_the_closest_key(tmp_path):
+    """`+rm.model.optm.lr=1e-4` passed, wrote a run directory, then every stage failed with a 50-line
+    OmegaConf traceback."""
+    err = refused(tmp_path, "+rm.model.optm.lr=1e-4", expect="+rm.model.optm.lr: adds a key the schema does not have")
+    assert "Did you mean 'optim'?" in err
+    assert cli("+cluster.env.NCCL_DEBUG=INFO", "stage=prep", "dry_run=true", f"run.dir={tmp_path}/ok").returncode == 0
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    """A type error on the command line hid a bad batch size, a missing path and a missing reward model."""
+    err = refused(tmp_path, "stage=prep,rm,eval", "rm.model.micro_batch_size=two", "rm.model.global_batch_size=36",
+                  "data.source=local", f"data.path={tmp_path}/nope.jsonl", f"eval.rm.restore_from_path={tmp_path}/rm.nemo",
+                  expect="rm.model.micro_batch_size='two'")
+    for part in ("rm.model.global_batch_size=36 is not divisible", f"data.path={tmp_path}/nope.jsonl: no such file",
+                 f"eval.rm.restore_from_path: {tmp_path}/rm.nemo does not exist"):
+        assert part in err, err
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["ppo.model.ppo.num_rollout_samples=48"],
+     "ppo.model.global_batch_size=32: ppo.model.ppo.num_rollout_samples=48 (48 per rank x 1 ranks) do not split "
+     "into whole optimizer batches of 32 (32 per rank)"),
+    (["ppo.model.ppo.num_rollout_samples=64", "cluster.processes_per_node=2", "ppo.critic.global_batch_size=48",
+      "ppo.critic.micro_batch_size=8", "ppo.model.ppo.rollout_micro_batch_size=16"],
+     "ppo.critic.global_batch_size=48: ppo.model.ppo.num_rollout_samples=64 (32 per rank x 2 ranks) do not split "
+     "into whole optimizer batches of 48 (24 per rank)"),
+])
+def test_ppo_batch_arithmetic_is_checked_before_launch(tmp_path, args, expect):
+    """A run-time ValueError in ppo/optimization.py, after prep and rm had run."""
+    refused(tmp_path, *args, expect=expect)
+
+
+def test_eval_inputs_are_checked_before_launch(tmp_path):
+    """eval's own files (issue 15's leftover), from the stage registry like every stage's."""
+    err = refused(tmp_path, "stage=eval", f"eval.rm.data={tmp_path}/prefs.jsonl",
+                  f"eval.rm.restore_from_path={tmp_path}/rm.nemo", f"eval.policy.reference_path={tmp_path}/ref.nemo",
+                  expect=f"eval.rm.data={tmp_path}/prefs.jsonl: no such file")
+    assert f"eval.policy.reference_path={tmp_path}/ref.nemo: no such file or directory" in err
+    assert f"eval.rm.restore_from_path: {tmp_path}/rm.nemo does not exist" in err
