@@ -36,6 +36,17 @@ def _slurm_ids(manifest: Manifest) -> Dict[str, str]:
             if e.get("executor") == "slurm" and e.get("job_ids")}
 
 
+def lock_holder(run_dir: Path) -> Dict:
+    """Who holds the run's launch lock (launcher/runlock.py): {pid, host, since, command}, or {}."""
+    from launcher.runlock import LOCK_NAME
+
+    try:
+        text = (Path(run_dir) / LOCK_NAME).read_text().strip()
+        return json.loads(text) if text else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def live_slurm_jobs(run_dir: Path) -> Dict[str, str]:
     """{stage: job id} of the run's stages whose Slurm job is still queued or running."""
     ids = {s: j for s, j in _slurm_ids(Manifest(run_dir)).items()
@@ -98,8 +109,11 @@ def cancel(path: Path, out=sys.stdout) -> int:
             for stage, jid in ids.items():
                 manifest.update_stage(stage, status="cancelled", finished=now(), error=f"cancelled (Slurm job {jid})")
             print(f"{d}: cancelled " + ", ".join(f"{s} (job {j})" for s, j in ids.items()), file=out)
+        holder = lock_holder(d)
         for stage in local:
-            print(f"{d}: stage {stage} runs locally: stop it with Ctrl-C in its terminal", file=out)
+            how = (f"kill {holder['pid']} (on {holder.get('host')}; the launcher hands SIGTERM to the stage, which "
+                   "is recorded as cancelled)") if holder.get("pid") else "Ctrl-C in its terminal"
+            print(f"{d}: stage {stage} runs locally: stop it with {how}", file=out)
         if not live:
             print(f"{d}: nothing to cancel", file=out)
     return 0

@@ -91,6 +91,9 @@ def test_a_second_launch_is_refused_and_sigterm_stops_the_stage_it_hands_over_to
                "running since 20" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
         stage_pid = int(manifest(run)["stages"]["prep"]["job_ids"][0])
+        hint = subprocess.run([sys.executable, "-m", "launcher.runs", "cancel", str(run)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60).stdout
+        assert f"stage prep runs locally: stop it with kill {first.pid} " in hint, hint
         first.send_signal(signal.SIGTERM)
         out, _ = first.communicate(timeout=90)
     finally:
