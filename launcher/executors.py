@@ -78,7 +78,10 @@ class LocalExecutor:
         previous = {sig: signal.signal(sig, _raise_signalled) for sig in (signal.SIGTERM, signal.SIGHUP)} if main else {}
         try:
             for job in jobs:
-                code = self._run_one(job, manifest)
+                try:
+                    code = self._run_one(job, manifest)
+                except (KeyboardInterrupt, Signalled) as e:  # before its processes started: nothing to hand over
+                    code = self._stopped(job, manifest, [], [], e)
                 if code != 0:
                     for later in jobs[jobs.index(job) + 1:]:
                         log.info("stage %s not started: %s did not succeed", later.stage, job.stage)
