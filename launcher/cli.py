@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from launcher.errors import ConfigError
-from launcher.validate import check_overrides, schema
+from launcher.validate import override_problems, schema
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -87,16 +87,29 @@ class GroupLookup:
             return False
 
 
-def precheck(argv: Sequence[str]) -> None:
-    """Raise ConfigError for what the command line gets wrong before Hydra composes anything."""
+def precheck(argv: Sequence[str]) -> List[str]:
+    """What the command line gets wrong before Hydra composes anything.
+
+    Raises ConfigError, unless the command runs the kit's task once (no -m, --cfg, --help...): then the
+    arguments at fault are taken out of `argv` (in place) and their problems returned, for the launcher
+    to report together with what validation finds in the rest (every problem at once)."""
     args = hydra_args(argv)
     if args is None or args.shell_completion:  # completion prints completions, never the kit's errors
-        return
-    check_overrides(args.overrides, is_group=GroupLookup(args))
+        return []
     for o in args.overrides:
         key, _, value = o.partition("=")
         if key.lstrip("+~") == "hydra.run.dir" and value not in (".", ""):
             raise ConfigError(hydra_run_dir_message(value))
+    found = override_problems(args.overrides, is_group=GroupLookup(args))
+    if not found:
+        return []
+    once = not (args.multirun or args.cfg or args.help or args.hydra_help or args.info or args.resolve
+                or any(o.replace(" ", "").startswith("hydra.mode=") for o in args.overrides))
+    if not once:
+        raise ConfigError([msg for _, msg in found])
+    bad = {arg for arg, _ in found}
+    argv[:] = [a for a in argv if a not in bad]
+    return [msg for _, msg in found]
 
 
 def hydra_run_dir_message(value: str) -> str:

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 if __package__ in (None, ""):  # `python launcher/main.py` from a checkout: make the packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -24,8 +25,9 @@ from launcher.errors import ConfigError
 from launcher.executors import make_executor
 from launcher.manifest import Manifest, atomic_write_text
 from launcher.plan import make_plan
+from launcher.runlock import RunLock
 from launcher.tracking import read_metric
-from launcher.validate import schema, validate_request
+from launcher.validate import request_problems, schema
 
 log = logging.getLogger("launcher")
 ConfigStore.instance().store(name="kit_schema", node=schema())  # KitConfig, built once for both uses
@@ -39,16 +41,29 @@ def _run_dir(cfg: DictConfig) -> Path:
     return absolute(cfg.run.dir)
 
 
+# problems the command line's pre-check found in arguments it took out (reported with validation's)
+PRECHECK_PROBLEMS: List[str] = []
+
+
 def launch(cfg: DictConfig) -> int:
     """Validate, plan and run (or render) the selected stages. Returns an exit code."""
-    stages = validate_request(cfg)
-    problems = run_dir_problems()
-    if problems:
-        raise ConfigError(problems)
+    stages, problems = request_problems(cfg)
+    problems = PRECHECK_PROBLEMS + problems + run_dir_problems()
     run_dir = _run_dir(cfg)
     base_dir = absolute(cfg.run.dir)  # a sweep point may use what its base run recorded (prep, once)
-    jobs = make_plan(cfg, stages, run_dir, force=cfg.force, dry_run=cfg.dry_run,
-                     base_dir=base_dir if base_dir != run_dir else None)
+    jobs = []
+    stamp = _manifest_stamp(run_dir)
+    if stages:
+        try:  # planning finds what validation cannot (inputs, schedules): reported with the rest
+            jobs = make_plan(cfg, stages, run_dir, force=cfg.force, dry_run=cfg.dry_run,
+                             base_dir=base_dir if base_dir != run_dir else None)
+        except ConfigError as e:
+            problems += [p for p in e.problems if p not in problems]
+        except Exception:  # noqa: BLE001 - planning a config already refused: its problems say why
+            if not problems:
+                raise
+    if problems:
+        raise ConfigError(problems)
     executor = make_executor(cfg.cluster)
     if executor.name == "slurm" and _in_sweep_job():
         from launcher.executors import LocalExecutor  # a sweep point already is a Slurm job: no nested submission
@@ -59,6 +74,34 @@ def launch(cfg: DictConfig) -> int:
         return _dry_run(jobs, executor, run_dir)
     if executor.name == "slurm":
         executor.check_submittable()
+    with RunLock(run_dir) as lock:  # one launch per run directory: a second one is refused here
+        if _manifest_stamp(run_dir) != stamp:  # the run changed while this launch was planning it
+            jobs = make_plan(cfg, stages, run_dir, force=cfg.force, dry_run=False,
+                             base_dir=base_dir if base_dir != run_dir else None)
+        _refuse_live_slurm_jobs(run_dir)
+        executor.inherit_fds = [lock.fd]
+        return _execute(jobs, executor, run_dir)
+
+
+def _manifest_stamp(run_dir: Path):
+    try:
+        return Manifest(run_dir).path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def _refuse_live_slurm_jobs(run_dir: Path) -> None:
+    """A run submitted to Slurm holds no lock once submitted: its queued or running jobs say it is live."""
+    from launcher.runs import live_slurm_jobs
+
+    live = live_slurm_jobs(run_dir)
+    if live:
+        raise ConfigError([f"run.dir={run_dir}: this run's Slurm jobs are still queued or running ("
+                           + ", ".join(f"{s}: job {j}" for s, j in live.items()) + ")",
+                           f"wait for them, or cancel them: python -m launcher.runs cancel {shlex.quote(str(run_dir))}"])
+
+
+def _execute(jobs, executor, run_dir: Path) -> int:
     manifest = Manifest(run_dir)
     manifest.record_command()
     todo = []
@@ -144,7 +187,9 @@ def hydra_main(cfg: DictConfig) -> int:
 def main() -> None:
     sys.argv[1:] = kit_argv(sys.argv[1:])
     try:
-        precheck(sys.argv[1:])
+        argv = sys.argv[1:]
+        PRECHECK_PROBLEMS[:] = precheck(argv)  # may take the arguments at fault out of argv
+        sys.argv[1:] = argv
     except ConfigError as e:
         print(f"error: {e.render()}", file=sys.stderr)
         sys.exit(2)

@@ -82,6 +82,7 @@ class Manifest:
             fcntl.flock(lock, fcntl.LOCK_EX)
             data = self.read()
             yield data
+            data["updated"] = now()  # any change to the run moves it
             atomic_write_text(self.path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
     def update_stage(self, name: str, **fields: Any) -> Dict[str, Any]:

@@ -18,7 +18,8 @@ from launcher.errors import ConfigError
 from launcher.schedules import check_stage
 from launcher.manifest import DONE, Manifest, artifact_exists, artifact_paths
 from launcher.stages import REGISTRY, shape_artifact
-from launcher.validate import checkpoint_problems, schema
+from launcher.inputs import checkpoint_problems
+from launcher.validate import schema
 
 log = logging.getLogger("launcher")
 DEFERRED = "filled at run time from {producer}'s '{artifact}' artifact"
@@ -42,6 +43,10 @@ class StageJob:
     @property
     def config_path(self) -> Path:
         return self.stage_dir / "config.yaml"
+
+    def run_yaml(self) -> str:
+        """The YAML written to <stage>/config.yaml before launch (deferred inputs still null)."""
+        return OmegaConf.to_yaml(self.cfg, resolve=True)
 
     def yaml(self) -> str:
         text = OmegaConf.to_yaml(self.cfg, resolve=True)
@@ -137,33 +142,53 @@ def make_plan(cfg: DictConfig, stages: List[str], run_dir: Path, force: bool, dr
         scfg.run.stage_dir = str(run_dir / stage)
         if force_id:
             scfg.run.force_id = force_id  # the stage trains from step 0, whatever checkpoints it finds
-        for section in ("rm", "ppo"):
-            if stage == section and scfg[section].exp_manager.explicit_log_dir is None:
-                scfg[section].exp_manager.explicit_log_dir = str(run_dir / stage)
+        if REGISTRY[stage].trainer and scfg[stage].exp_manager.explicit_log_dir is None:
+            scfg[stage].exp_manager.explicit_log_dir = str(run_dir / stage)
         # earlier stages of this run that are up to date hand over their recorded artifacts now
         pending = [s for s in stages[:i] if not any(j.stage == s and j.up_to_date for j in jobs)]
+        spec = REGISTRY[stage]
+        # the fingerprint reads the config as the user gave it, before inputs are filled: whether an
+        # input was filled now or will be at run time must not change it (else the next run re-runs)
+        given = {s: OmegaConf.to_container(scfg[s], resolve=True) for s in spec.sections}
+        given_inputs = {inp.key: _plain(OmegaConf.select(scfg, inp.key)) for inp in spec.inputs}
         deferred, after, errs = resolve_inputs(scfg, stage, manifest, pending, dry_run, base)
         problems += errs
         for msg in _explicit_inputs_exist(scfg, stage):
             (warn(msg) if dry_run else problems.append(msg))
         errs, notes = check_stage(scfg, stage, deferred)
         problems += errs
-        spec = REGISTRY[stage]
         known = {**(base.read()["stages"] if base else {}), **recorded}
-        upstream = {p: fingerprints.get(p) or known.get(p, {}).get("fingerprint")
-                    for p in {inp.producer for inp in spec.inputs}}
-        fp = _digest({
-            "sections": {s: OmegaConf.to_container(scfg[s], resolve=True) for s in spec.sections},
-            "inputs": {inp.key: _plain(OmegaConf.select(scfg, inp.key)) for inp in spec.inputs
-                       if inp.key not in deferred},
-            "upstream": upstream,
-        })
+        inputs, upstream = {}, {}
+        for inp in spec.inputs:
+            if inp.key in deferred or _plain(OmegaConf.select(scfg, inp.key)) != given_inputs[inp.key]:
+                inputs[inp.key] = f"from {inp.producer}"  # its identity: the producer's fingerprint
+                upstream[inp.producer] = fingerprints.get(inp.producer) or known.get(inp.producer, {}).get("fingerprint")
+            else:
+                inputs[inp.key] = identity(given_inputs[inp.key])
+        fp = _digest({"sections": given, "inputs": inputs, "upstream": upstream})
         fingerprints[stage] = fp
         up = not force and not dry_run and manifest.is_up_to_date(stage, fp) and not after
         jobs.append(StageJob(stage, run_dir, scfg, fp, up_to_date=up, deferred=deferred, after=after, notes=notes))
     if problems:
         raise ConfigError(problems)
     return jobs
+
+
+def identity(value: Any) -> Any:
+    """An input as given, with each existing file's size and modification time: a file replaced
+    under the same name is a new input."""
+    def one(path: str):
+        files = [path] if os.path.isfile(path) else [path + ".bin", path + ".idx"]
+        stats = [os.stat(f) for f in files if os.path.isfile(f)]
+        return [path] + [[st.st_size, st.st_mtime_ns] for st in stats] if stats else path
+
+    if isinstance(value, str):
+        return one(value)
+    if isinstance(value, dict):
+        return {k: identity(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [identity(v) for v in value]
+    return value
 
 
 def warn(msg: str) -> None:
@@ -181,11 +206,6 @@ def _unset(value: Any) -> bool:
 
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
-def stage_config_for_run(job: StageJob) -> str:
-    """The YAML written to <stage>/config.yaml before launch (deferred inputs still null)."""
-    return OmegaConf.to_yaml(job.cfg, resolve=True)
 
 
 def find_job(jobs: List[StageJob], stage: str) -> Optional[StageJob]:

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -35,6 +36,29 @@ def _slurm_ids(manifest: Manifest) -> Dict[str, str]:
             if e.get("executor") == "slurm" and e.get("job_ids")}
 
 
+def lock_holder(run_dir: Path) -> Dict:
+    """Who holds the run's launch lock (launcher/runlock.py): {pid, host, since, command}, or {}."""
+    from launcher.runlock import LOCK_NAME
+
+    try:
+        text = (Path(run_dir) / LOCK_NAME).read_text().strip()
+        return json.loads(text) if text else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def live_slurm_jobs(run_dir: Path) -> Dict[str, str]:
+    """{stage: job id} of the run's stages whose Slurm job is still queued or running."""
+    ids = {s: j for s, j in _slurm_ids(Manifest(run_dir)).items()
+           if Manifest(run_dir).stage(s).get("status") in ("pending", "running")}
+    if not ids or shutil.which("squeue") is None:
+        return {}
+    from launcher import slurm
+
+    infos = slurm.job_info(list(ids.values()))
+    return {s: j for s, j in ids.items() if j in infos and not slurm.is_terminal(infos[j]["State"])}
+
+
 def status(path: Path, out=sys.stdout) -> int:
     dirs = run_dirs(path)
     if not dirs:
@@ -54,11 +78,15 @@ def status(path: Path, out=sys.stdout) -> int:
             info = infos.get(jid) if jid else None
             if info:
                 entry = slurm.reconcile(manifest, stage, info)
-            state = f"{info['State']} {info['Elapsed']}" if info else ("-" if not jid else "not known to Slurm")
+            if entry.get("executor") == "local":
+                where = "local (pid)" if entry.get("status") in ("pending", "running") else "local"
+            else:
+                where = "slurm " + (f"{info['State']} {info['Elapsed']}" if info else
+                                    "-" if not jid else "not known to Slurm")
             detail = entry.get("error") or entry.get("requeue_note") or ", ".join(
                 f"{k}={v}" for k, v in entry.get("artifacts", {}).items() if isinstance(v, str))
             print(f"  {stage:5s} {entry.get('status', '?'):9s} job {jid or ','.join(entry.get('job_ids', [])) or '-':>8s}"
-                  f"  slurm {state:24s} {detail}", file=out)
+                  f"  {where:30s} {detail}", file=out)
             if entry.get("status") == "failed":
                 worst = 1
     return worst
@@ -81,8 +109,11 @@ def cancel(path: Path, out=sys.stdout) -> int:
             for stage, jid in ids.items():
                 manifest.update_stage(stage, status="cancelled", finished=now(), error=f"cancelled (Slurm job {jid})")
             print(f"{d}: cancelled " + ", ".join(f"{s} (job {j})" for s, j in ids.items()), file=out)
+        holder = lock_holder(d)
         for stage in local:
-            print(f"{d}: stage {stage} runs locally: stop it with Ctrl-C in its terminal", file=out)
+            how = (f"kill {holder['pid']} (on {holder.get('host')}; the launcher hands SIGTERM to the stage, which "
+                   "is recorded as cancelled)") if holder.get("pid") else "Ctrl-C in its terminal"
+            print(f"{d}: stage {stage} runs locally: stop it with {how}", file=out)
         if not live:
             print(f"{d}: nothing to cancel", file=out)
     return 0

@@ -14,17 +14,20 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 from launcher.errors import ConfigError, suggest
-from launcher.executors import kit_checkout, log_tail, processes_per_node, runner_argv
 from launcher.manifest import Manifest, atomic_write_text, now
-from launcher.plan import StageJob, stage_config_for_run
+from launcher.processes import kit_checkout, log_tail, processes_per_node, runner_argv
 from launcher.stages import REGISTRY
+
+if TYPE_CHECKING:
+    from launcher.plan import StageJob
 
 log = logging.getLogger("launcher")
 try:
@@ -106,6 +109,56 @@ def inside_submitit_job() -> bool:
     return os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "SLURM_JOB_ID" in os.environ
 
 
+def cluster_problems(c) -> List[str]:
+    """What the Slurm keys get wrong, all of it (validation reports it with the rest before launch)."""
+    problems: List[str] = []
+    # each of these lands on a line of the batch script (#SBATCH --partition=..., srun ...): a newline in
+    # one would start a line of its own, which the script would run
+    lines = {f"cluster.{k}": c[k] for k in ("partition", "account", "qos", "time", "mem", "constraint",
+                                           "container_image", "python") if c[k] is not None}
+    lines.update({f"cluster.container_mounts[{i}]": v for i, v in enumerate(c.container_mounts)})
+    lines.update({f"cluster.srun_args[{i}]": v for i, v in enumerate(c.srun_args)})
+    for k, v in c.sbatch_args.items():
+        lines[f"cluster.sbatch_args.{k} (its name)"] = k
+        lines[f"cluster.sbatch_args.{k}"] = v
+    problems += [one_line_problem(key, value) for key, value in lines.items() if one_line_problem(key, value)]
+    for key in c.sbatch_args:
+        opt = str(key).lstrip("-")
+        if opt in OWNED:
+            owner = OWNED[opt]
+            problems.append(f"cluster.sbatch_args.{key}: set by the kit" +
+                            (f"; use cluster.{owner}" if owner else " (it manages this option itself)"))
+        elif opt not in SBATCH_OPTIONS:
+            problems.append(f"cluster.sbatch_args.{key}: not an sbatch option.{suggest(opt, SBATCH_OPTIONS)} "
+                            f"Valid options: {', '.join(sorted(SBATCH_OPTIONS - set(OWNED)))}")
+    for arg in c.srun_args:
+        if not str(arg).startswith("-"):
+            problems.append(f"cluster.srun_args: {arg!r} is not an option (write --name=value)")
+    if c.signal_delay_s < 0 or c.max_requeues < 0:
+        problems.append("cluster.signal_delay_s and cluster.max_requeues must be >= 0")
+    try:
+        slurm_minutes(c.time)
+    except (ValueError, KeyError):
+        problems.append(f"cluster.time={c.time!r} is not a Slurm time (MM, HH:MM:SS, D-HH[:MM[:SS]])")
+    return problems
+
+
+def one_line_problem(key: str, value) -> Optional[str]:
+    """A value that reaches a line of a rendered script must stay on it."""
+    if isinstance(value, str) and ("\n" in value or "\r" in value):
+        return f"{key}={value!r}: holds a line break, which would put a line of its own in the rendered script"
+    return None
+
+
+def run_dir_problems(run_dir: str) -> List[str]:
+    """sbatch expands `%j`, `%x`, ... in --output: a run directory holding `%` would send the job's log
+    somewhere else (the job then fails with no log)."""
+    if "%" in str(run_dir):
+        return [f"run.dir={run_dir}: holds '%', which sbatch reads as a filename pattern (%j, %x ...) in the "
+                "job's log path; choose a run directory without '%' for cluster=slurm"]
+    return []
+
+
 class SlurmExecutor:
     """Submits each stage as one Slurm job through submitit; stages of a run are chained with afterok."""
 
@@ -117,25 +170,7 @@ class SlurmExecutor:
 
     # ------------------------------------------------------------------ what a job asks for
     def _check(self) -> None:
-        c, problems = self.cluster, []
-        for key in c.sbatch_args:
-            opt = str(key).lstrip("-")
-            if opt in OWNED:
-                owner = OWNED[opt]
-                problems.append(f"cluster.sbatch_args.{key}: set by the kit" +
-                                (f"; use cluster.{owner}" if owner else " (it manages this option itself)"))
-            elif opt not in SBATCH_OPTIONS:
-                problems.append(f"cluster.sbatch_args.{key}: not an sbatch option.{suggest(opt, SBATCH_OPTIONS)} "
-                                f"Valid options: {', '.join(sorted(SBATCH_OPTIONS - set(OWNED)))}")
-        for arg in c.srun_args:
-            if not str(arg).startswith("-"):
-                problems.append(f"cluster.srun_args: {arg!r} is not an option (write --name=value)")
-        if c.signal_delay_s < 0 or c.max_requeues < 0:
-            problems.append("cluster.signal_delay_s and cluster.max_requeues must be >= 0")
-        try:
-            slurm_minutes(c.time)
-        except (ValueError, KeyError):
-            problems.append(f"cluster.time={c.time!r} is not a Slurm time (MM, HH:MM:SS, D-HH[:MM[:SS]])")
+        problems = cluster_problems(self.cluster)
         if problems:
             raise ConfigError(problems)
 
@@ -147,7 +182,7 @@ class SlurmExecutor:
                                "can be submitted", "dry_run=true renders each job's batch script without Slurm; "
                                "cluster=local runs the stages on this machine"])
 
-    def parameters(self, job: StageJob) -> Dict:
+    def parameters(self, job: "StageJob") -> Dict:
         """submitit's parameters for one stage (its names; additional_parameters are raw sbatch options)."""
         c = self.cluster
         gpu = is_gpu_stage(job.stage)
@@ -175,7 +210,7 @@ class SlurmExecutor:
         checkout = kit_checkout()
         return [f"export PYTHONPATH={shlex.quote(str(checkout))}${{PYTHONPATH:+:$PYTHONPATH}}"] if checkout else []
 
-    def _srun_args(self, job: StageJob) -> List[str]:
+    def _srun_args(self, job: "StageJob") -> List[str]:
         c = self.cluster
         args = [str(a) for a in c.srun_args]
         if c.container_image:
@@ -187,13 +222,13 @@ class SlurmExecutor:
                      f"--container-workdir={os.getcwd()}"]
         return args
 
-    def command(self, job: StageJob) -> str:
-        argv = runner_argv(job) + (["--requeue"] if self.cluster.requeue else [])
+    def command(self, job: "StageJob") -> str:
+        argv = runner_argv(job.run_dir, job.stage) + (["--requeue"] if self.cluster.requeue else [])
         if self.cluster.python:
             return " ".join([self.cluster.python] + [shlex.quote(a) for a in argv[1:]])
         return shlex.join(argv)
 
-    def _executor(self, job: StageJob, extra: Optional[Dict] = None, render_only: bool = False):
+    def _executor(self, job: "StageJob", extra: Optional[Dict] = None, render_only: bool = False):
         import submitit
 
         class Executor(submitit.SlurmExecutor):  # the same text for the dry run and sbatch, with a note on top
@@ -217,16 +252,16 @@ class SlurmExecutor:
             raise ConfigError(f"cluster: {e}") from None
         return ex
 
-    def render(self, job: StageJob) -> str:
+    def render(self, job: "StageJob") -> str:
         """The exact batch script submitted for this stage (`%j` becomes the job id)."""
         deps = [f"{s.upper()}_JOB_ID" for s in job.after]
         extra = {"dependency": "afterok:" + ":".join(deps), "kill-on-invalid-dep": "yes"} if deps else {"hold": True}
         return self._executor(job, extra, render_only=True)._make_submission_file_text(self.command(job), "dry-run")
 
     # ------------------------------------------------------------------ submission
-    def run(self, jobs: List[StageJob], manifest: Manifest) -> int:
+    def run(self, jobs: List["StageJob"], manifest: Manifest) -> int:
         """Submit the chain (roots held), record it, release it; wait if cluster.wait."""
-        submitted: List[Tuple[StageJob, object]] = []
+        submitted: List[Tuple["StageJob", object]] = []
         ids: Dict[str, str] = {}
         for i, job in enumerate(jobs):
             deps = sorted({ids[s] for s in job.after if s in ids} | ({ids[jobs[i - 1].stage]} if i else set()),
@@ -250,7 +285,7 @@ class SlurmExecutor:
             submitted.append((job, sjob))
         for job, sjob in submitted:
             job.stage_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(job.config_path, stage_config_for_run(job))
+            atomic_write_text(job.config_path, job.run_yaml())
             script = Path(sjob.paths.submission_file).read_text()
             atomic_write_text(job.stage_dir / "submit.sbatch", script)
             logfile = self.log_path(job, sjob.job_id)
@@ -265,19 +300,20 @@ class SlurmExecutor:
         for job, sjob in submitted:
             log.info("stage %s: submitted Slurm job %s, log: %s", job.stage, sjob.job_id, self.log_path(job, sjob.job_id))
         run_dir = jobs[0].run_dir
+        here = shlex.quote(str(run_dir))
         print(f"submitted {', '.join(f'{j.stage}={s.job_id}' for j, s in submitted)}; "
-              f"status: python -m launcher.runs status {run_dir}; cancel: python -m launcher.runs cancel {run_dir}",
+              f"status: python -m launcher.runs status {here}; cancel: python -m launcher.runs cancel {here}",
               flush=True)
         if not self.cluster.wait:
             return 0
         return wait(manifest, [(job.stage, sjob.job_id) for job, sjob in submitted])
 
     @staticmethod
-    def log_path(job: StageJob, job_id: str) -> Path:
+    def log_path(job: "StageJob", job_id: str) -> Path:
         return job.stage_dir / "slurm" / f"{job_id}_0_log.out"
 
 
-def _refusal(job: StageJob, error: Exception, cluster) -> List[str]:
+def _refusal(job: "StageJob", error: Exception, cluster) -> List[str]:
     slurm = [l.strip() for l in str(error).splitlines() if "error" in l.lower() or "failed" in l.lower()]
     slurm = slurm or [str(error).strip()]
     ours = {  # Slurm's message -> which key to change (first match wins: "account/partition" is an account)
@@ -394,7 +430,8 @@ def wait(manifest: Manifest, chain: List[Tuple[str, str]], poll_s: float = 1.0) 
                 return code
             time.sleep(poll_s)
     except KeyboardInterrupt:
-        log.warning("stopped waiting; the jobs keep running (python -m launcher.runs cancel %s)", manifest.run_dir)
+        log.warning("stopped waiting; the jobs keep running (python -m launcher.runs cancel %s)",
+                    shlex.quote(str(manifest.run_dir)))
         return 130
 
 
@@ -412,6 +449,43 @@ def _stream(path: Path, offsets: Dict[str, int]) -> None:
 
 
 # ---------------------------------------------------------------------- inside the job
+# What the stage runner does differently inside a Slurm job; outside one, each of these is a no-op.
+REQUEUE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # the requeue sends these again: ignored once stopping
+
+
+def in_job() -> bool:
+    return bool(os.environ.get("SLURM_JOB_ID"))
+
+
+def job_id() -> str:
+    return os.environ["SLURM_JOB_ID"]
+
+
+def job_fields() -> Dict[str, int]:
+    """What the manifest records about this attempt of the job (its restart count)."""
+    return {"restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)} if in_job() else {}
+
+
+def cpus_per_task() -> Optional[int]:
+    """--cpus-per-task as the job got it (each rank's share of the node's cores), None outside a job."""
+    value = os.environ.get("SLURM_CPUS_PER_TASK")
+    return max(1, int(value)) if value else None
+
+
+def distributed_env() -> None:
+    """Under Slurm, derive torch.distributed's variables from Slurm's (one task per GPU)."""
+    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    import submitit
+
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def on_time_limit(handler: Callable) -> None:
+    """sbatch --signal=USR1@N (cluster.signal_delay_s): the time limit is N seconds away."""
+    signal.signal(signal.SIGUSR1, handler)
+
+
 def requeue_current_job(max_requeues: int) -> str:
     """Called by the runner (rank 0) after a signal or a stage's exit 75: put this job back in the queue.
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from launcher.manifest import Manifest, artifact_paths, atomic_write_text, now
+from launcher import slurm
 from launcher.plan import load_stage_config, resolve_inputs
 from launcher.stages import EX_TEMPFAIL, REGISTRY
 from launcher.tracking import forward_metrics
@@ -42,15 +43,6 @@ class StageTerminated(BaseException):
 
 def _on_signal(signum, frame):
     raise StageTerminated(signum)
-
-
-def _distributed_env() -> None:
-    """Under Slurm, derive torch.distributed's variables from Slurm's (one task per GPU)."""
-    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
-        return
-    import submitit
-
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def _shutdown_distributed() -> None:
@@ -76,8 +68,8 @@ def cpu_threads_per_rank() -> int | None:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if local <= 1 or os.environ.get("OMP_NUM_THREADS"):
         return None
-    if os.environ.get("SLURM_CPUS_PER_TASK"):
-        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
+    if slurm.cpus_per_task():
+        return slurm.cpus_per_task()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // local)
 
@@ -117,19 +109,17 @@ def _debug_switches(cfg, stage: str) -> None:
 
 def _run_again(manifest: Manifest, cfg, stage: str, rank: int, why: str, requeue: bool) -> int:
     """The stage stopped early on purpose (checkpointed, or signalled): pending, and requeued under Slurm."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in slurm.REQUEUE_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # requeueing signals this job again
     log.warning("stage %s stopped: %s", stage, why)
     if rank != 0:
         return EX_TEMPFAIL
     manifest.update_stage(stage, status="pending", requeue_note=why)
-    if not (requeue and os.environ.get("SLURM_JOB_ID")):
+    if not (requeue and slurm.in_job()):
         manifest.update_stage(stage, requeue_note=f"{why}; run the same command again to resume")
         return EX_TEMPFAIL
-    from launcher.slurm import requeue_current_job  # the one module that knows Slurm
-
-    outcome = requeue_current_job(cfg.cluster.max_requeues)
-    job = os.environ["SLURM_JOB_ID"]
+    outcome = slurm.requeue_current_job(cfg.cluster.max_requeues)
+    job = slurm.job_id()
     if outcome == "cancelled":
         manifest.update_stage(stage, status="cancelled", finished=now(), error=f"Slurm job {job} was cancelled")
         return 130
@@ -144,7 +134,7 @@ def _run_again(manifest: Manifest, cfg, stage: str, rank: int, why: str, requeue
 
 def run_stage(run_dir: Path, stage: str, requeue: bool = False) -> int:
     """Run one stage in this process. `requeue` (set under Slurm): a signal leads to a requeue, not a cancel."""
-    _distributed_env()
+    slurm.distributed_env()
     rank = int(os.environ.get("RANK", "0"))
     log.info("stage %s: rank %s of %s (local rank %s) on %s, CUDA_VISIBLE_DEVICES=%s", stage, rank,
              os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_RANK", "0"), socket.gethostname(),
@@ -161,12 +151,10 @@ def run_stage(run_dir: Path, stage: str, requeue: bool = False) -> int:
     if rank == 0:
         atomic_write_text(cfg_path, OmegaConf.to_yaml(cfg, resolve=True))  # the exact config it ran with
         fields = dict(status="running", started=now(), finished=None, host=socket.gethostname(), error=None)
-        if os.environ.get("SLURM_JOB_ID"):
-            fields["restarts"] = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        manifest.update_stage(stage, **fields)
+        manifest.update_stage(stage, **fields, **slurm.job_fields())
     signal.signal(signal.SIGTERM, _on_signal)
     if requeue:
-        signal.signal(signal.SIGUSR1, _on_signal)  # sbatch --signal=USR1@N: the time limit is near
+        slurm.on_time_limit(_on_signal)
     try:
         _init_distributed()
         _debug_switches(cfg, stage)

@@ -33,13 +33,22 @@ class Stage:
     inputs: Tuple[Input, ...] = field(default_factory=tuple)
     distributed: bool = True  # False: one process, no GPU, whatever the cluster offers (prep)
     in_all: bool = True  # part of stage=all (eval is asked for by name: stage=all,eval or stage=eval)
+    # what validation checks before launch (launcher/validate.py reads these; nothing is named twice):
+    # a training stage runs the engine's loop from its section: <name>.trainer.<name> (run length,
+    # intervals), <name>.trainer devices, the optimizers below, <name>.model.torch_profile
+    trainer: bool = False
+    optimizers: Tuple[str, ...] = ()  # optimizer config nodes (lr, schedule checks)
+    batches: Tuple[str, ...] = ()  # nodes with global_batch_size and micro_batch_size (data-parallel split)
+    checkpoints: Tuple[str, ...] = ()  # keys naming a checkpoint the stage loads (must exist and be readable)
+    files: Tuple[str, ...] = ()  # keys naming a file or data prefix the stage reads (must exist)
+    memory_keys: Tuple[str, ...] = ()  # what lowers the stage's peak memory (said when it is killed for memory)
 
     def entry(self) -> Callable:
         return importlib.import_module(self.package).run
 
 
 REGISTRY = {
-    "prep": Stage("prep", "data_prep", ("data",), distributed=False),
+    "prep": Stage("prep", "data_prep", ("data",), distributed=False, memory_keys=("data.workers", "data.max_pairs")),
     "rm": Stage(
         "rm",
         "rm_training",
@@ -48,6 +57,12 @@ REGISTRY = {
             Input("rm.model.data.data_prefix", "prep", "data_prefix", shape="split_lists"),
             Input("data.tokenizer.model", "prep", "tokenizer", always=True, required=False),
         ),
+        trainer=True,
+        optimizers=("rm.model.optim",),
+        batches=("rm.model",),
+        checkpoints=("model.restore_from_path",),
+        memory_keys=("rm.model.micro_batch_size", "rm.model.data.packed_tokens (with packing)",
+                     "rm.model.data.seq_length", "model.activation_memory_budget"),
     ),
     "ppo": Stage(
         "ppo",
@@ -58,13 +73,22 @@ REGISTRY = {
             Input("data.tokenizer.model", "prep", "tokenizer", always=True, required=False),
             Input("ppo.reward_model.restore_from_path", "rm", "nemo"),
         ),
+        trainer=True,
+        optimizers=("ppo.model.optim", "ppo.critic.optim"),
+        batches=("ppo.model", "ppo.critic"),
+        checkpoints=("model.restore_from_path",),
+        memory_keys=("ppo.model.ppo.rollout_micro_batch_size", "ppo.model.ppo.forward_micro_batch_size",
+                     "ppo.model.micro_batch_size", "ppo.critic.micro_batch_size", "ppo.model.ppo.offload_idle_models=true"),
     ),
     "eval": Stage("eval", "evaluation", ("eval",), (
         Input("eval.rm.data_prefix", "prep", "data_prefix", required=False),
         Input("eval.rm.restore_from_path", "rm", "nemo"),
         Input("eval.policy.restore_from_path", "ppo", "nemo", required=False),
         Input("eval.policy.prompts", "prep", "prompts", required=False),
-    ), in_all=False),
+    ), in_all=False,
+        checkpoints=("eval.policy.reference_path",),
+        files=("eval.rm.data",),
+        memory_keys=("eval.rm.micro_batch_size", "eval.rm.seq_length", "eval.policy.micro_batch_size")),
 }
 assert tuple(REGISTRY) == STAGES
 

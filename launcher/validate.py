@@ -19,9 +19,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from launcher.config import KitConfig
 from launcher.errors import ConfigError, suggest
-from launcher.stages import parse_stage_selection
+from launcher.manifest import artifact_exists
+from launcher.stages import REGISTRY, parse_stage_selection
 from launcher.tracking import config_problems as tracking_problems
-from modeling.formats import detect_format
+from launcher.inputs import checkpoint_problems, trainable_vocab_problems, vocab_problems
 from rm_training.config import COSINE_SCHEDULE, SCHEDULE_NAMES
 
 log = logging.getLogger("launcher")
@@ -50,7 +51,6 @@ GROUPS = ("model", "data", "rm", "ppo", "cluster", "experiment")
 HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
                           "-cn", "--config-dir", "-cd", "--experimental-rerun", "--shell-completion",
                           "--info"}
-SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$|^(UNLIMITED|INFINITE)$")
 
 
 @functools.lru_cache(maxsize=1)
@@ -89,7 +89,16 @@ def check_key(schema: DictConfig, key: str) -> str | None:
 
 
 def check_overrides(args: Sequence[str], is_group: Callable[[str], bool] = GROUPS.__contains__) -> None:
-    """Fail on unknown keys and values of the wrong type in command-line overrides.
+    """Fail on unknown keys and values of the wrong type in command-line overrides."""
+    problems = override_problems(args, is_group)
+    if problems:
+        raise ConfigError([msg for _, msg in problems])
+
+
+def override_problems(args: Sequence[str], is_group: Callable[[str], bool] = GROUPS.__contains__) -> List[tuple]:
+    """(argument, problem) for each command-line override with an unknown key or a value of the wrong
+    type. `+key=value` adds a key: only where the schema has a free-form dict (`+cluster.env.X=1`); a
+    `+` typo of a typed key (`+rm.model.optm.lr=1e-4`) is refused as a plain typo is.
 
     `is_group`: whether a name is a config group (launcher.cli asks Hydra's search path)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -107,30 +116,54 @@ def check_overrides(args: Sequence[str], is_group: Callable[[str], bool] = GROUP
     try:
         overrides = OverridesParser.create().parse_overrides(plain)
     except Exception:  # Hydra reports syntax errors itself, with the position
-        return
+        return []
     kit = schema()
-    problems: List[str] = []
+    problems: List[tuple] = []
     for o in overrides:
         key = o.key_or_group
         if o.package is not None or key.startswith("hydra") or "." not in key and is_group(key):
             continue  # config-group choices and Hydra's own keys: Hydra checks those
-        if o.type == OverrideType.ADD or o.type == OverrideType.DEL:
+        if o.type == OverrideType.DEL:
             continue
         msg = check_key(kit, key)
+        if msg and o.type == OverrideType.ADD:
+            msg = f"+{key}: adds a key the schema does not have; " + msg
         if msg:
-            problems.append(msg)
+            problems.append((o.input_line, msg))
             continue
+        if o.type == OverrideType.ADD:
+            continue  # an existing key: Hydra says `+` cannot add it twice
         values = o.value().list if isinstance(o.value(), ChoiceSweep) else [o.value()] if not o.is_sweep_override() else []
         for value in values:  # each value of a sweep (rm.model.optim.lr=1e-5,5e-6)
             try:
                 _try_value(kit, key, value)
             except OmegaConfBaseException as e:
-                problems.append(f"{key}={value!r}: {str(e).splitlines()[0]}")
+                problems.append((o.input_line, f"{key}={value!r}: {str(e).splitlines()[0]}"))
                 break
             except Exception:  # noqa: BLE001 - shapes Hydra itself explains better (a dict into a None)
                 break
-    if problems:
-        raise ConfigError(problems)
+    return problems
+
+
+def unknown_keys(cfg: Any, node: Any = None, prefix: str = "") -> List[str]:
+    """Keys of the composed config that the schema does not have (added with `+`, or by a config file
+    of a user's search path): each would fail the stage's typed config after earlier stages ran."""
+    node = schema() if node is None else node
+    out: List[str] = []
+    if not isinstance(cfg, DictConfig) or cfg._is_none() or cfg._is_missing():
+        return out
+    if not isinstance(node, DictConfig) or node._is_none() or OmegaConf.get_type(node) is dict:
+        return out  # a free-form dict (cluster.env, data_prefix...) or a value: anything goes
+    for k in cfg.keys():
+        key = f"{prefix}{k}"
+        if k == "hydra" and not prefix:
+            continue
+        if k not in node.keys():
+            out.append(f"unknown key '{key}': '{k}' is not a key of {prefix[:-1] or 'the top level'}."
+                       f"{suggest(str(k), node.keys())}")
+            continue
+        out += unknown_keys(cfg._get_node(k), node._get_node(k), key + ".")
+    return out
 
 
 def missing_keys(node: Any, prefix: str = "") -> List[str]:
@@ -197,33 +230,69 @@ def _parallelism(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
                    f"(cluster.nodes={c.nodes} x {procs} per node)")
         return out
     dp = world // (tp * pp)
-    for stage, section in (("rm", cfg.rm), ("ppo", cfg.ppo)):
-        if stage not in stages:
-            continue
-        t = section.trainer
+    for stage in _training(stages):
+        t = cfg[stage].trainer
         if t.devices != c.gpus_per_node or t.num_nodes != c.nodes:
             out.append(f"{stage}.trainer.devices={t.devices}, num_nodes={t.num_nodes} disagree with "
                        f"cluster.gpus_per_node={c.gpus_per_node}, cluster.nodes={c.nodes}: set the cluster keys")
-        batches = [(f"{stage}.model", section.model.global_batch_size, section.model.micro_batch_size)]
-        if stage == "ppo":
-            batches.append(("ppo.critic", section.critic.global_batch_size, section.critic.micro_batch_size))
-            r = section.model.ppo
-            if r.num_rollout_samples % (r.rollout_micro_batch_size * dp):
-                out.append(f"ppo.model.ppo.num_rollout_samples={r.num_rollout_samples} is not divisible by "
-                           f"rollout_micro_batch_size={r.rollout_micro_batch_size} x data-parallel size {dp}")
-        for name, gbs, mbs in batches:
+        for name in REGISTRY[stage].batches:
+            node = OmegaConf.select(cfg, name)
+            gbs, mbs = node.global_batch_size, node.micro_batch_size
             if mbs < 1 or gbs < 1 or gbs % (mbs * dp):
                 out.append(f"{name}.global_batch_size={gbs} is not divisible by micro_batch_size={mbs} x "
                            f"data-parallel size {dp} (= nodes x processes per node / (tp x pp))")
+        rule = STAGE_RULES.get(stage)
+        if rule:
+            out += rule(cfg, dp)
     return out
+
+
+def _rollouts(cfg: DictConfig, dp: int) -> List[str]:
+    """PPO's rollout batch: split over the ranks, into rollout micro-batches, and into whole optimizer
+    batches of the actor and of the critic (ppo/optimization.py refuses the rest after prep and rm ran)."""
+    out = []
+    r = cfg.ppo.model.ppo
+    n = r.num_rollout_samples
+    if n < 1 or r.rollout_micro_batch_size < 1 or n % (r.rollout_micro_batch_size * dp):
+        out.append(f"ppo.model.ppo.num_rollout_samples={n} is not divisible by "
+                   f"rollout_micro_batch_size={r.rollout_micro_batch_size} x data-parallel size {dp}")
+        return out
+    for name in ("ppo.model", "ppo.critic"):
+        gbs = OmegaConf.select(cfg, f"{name}.global_batch_size")
+        if gbs >= 1 and n % gbs == 0 or gbs < 1 or gbs % dp:
+            continue  # whole optimizer batches (or a global batch already refused above)
+        out.append(f"{name}.global_batch_size={gbs}: ppo.model.ppo.num_rollout_samples={n} ({n // dp} per rank "
+                   f"x {dp} ranks) do not split into whole optimizer batches of {gbs} ({gbs // dp} per rank); "
+                   f"make num_rollout_samples a multiple of {name}.global_batch_size")
+    return out
+
+
+# rules about one stage's own keys (a stage without any needs no line here)
+STAGE_RULES: Dict[str, Callable[[DictConfig, int], List[str]]] = {"ppo": _rollouts}
+
+
+def _training(stages: Sequence[str]) -> List[str]:
+    """The stages asked for that run the engine's training loop (the registry says which)."""
+    return [s for s in stages if REGISTRY[s].trainer]
 
 
 def _cluster(cfg: DictConfig) -> List[str]:
     out = []
-    c = cfg.cluster
-    if c.name == "slurm" and not SLURM_TIME.match(str(c.time)):
-        out.append(f"cluster.time={c.time!r} is not a Slurm time (MM, HH:MM:SS, D-HH[:MM[:SS]])")
-    return out
+    # what every launch script holds (launch.sh, the batch script): one line each, names a shell takes
+    for key in ("run.name", "run.dir"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and ("\n" in value or "\r" in value):
+            out.append(f"{key}={value!r}: holds a line break, which would put a line of its own in the rendered "
+                       "launch script")
+    for name in cfg.cluster.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(name)):
+            out.append(f"cluster.env.{name}: {str(name)!r} is not an environment variable name (letters, digits "
+                       "and _, not starting with a digit)")
+    if cfg.cluster.name != "slurm":
+        return out
+    from launcher import slurm  # the one module that knows Slurm's options and times
+
+    return out + slurm.cluster_problems(cfg.cluster) + slurm.run_dir_problems(cfg.run.dir)
 
 
 def _local_path(path: str | None) -> bool:
@@ -241,32 +310,42 @@ def _files(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
                 out.append(f"data.path={d.path}: no such file or directory")
         if _local_path(d.tokenizer.model) and not Path(d.tokenizer.model).exists():
             out.append(f"data.tokenizer.model={d.tokenizer.model}: no such file")
-    if {"rm", "ppo"} & set(stages) and _local_path(cfg.model.restore_from_path):
-        if not Path(cfg.model.restore_from_path).exists():
-            out.append(f"model.restore_from_path={cfg.model.restore_from_path}: no such file or directory")
+    for key in sorted({k for s in stages for k in REGISTRY[s].checkpoints}):
+        path = OmegaConf.select(cfg, key)
+        if not _local_path(path):
+            continue
+        if not Path(path).exists():
+            out.append(f"{key}={path}: no such file or directory")
         else:
-            out += checkpoint_problems("model.restore_from_path", cfg.model.restore_from_path)
+            out += checkpoint_problems(key, path)
+    for key in sorted({k for s in stages for k in REGISTRY[s].files}):
+        path = OmegaConf.select(cfg, key)
+        if _local_path(path) and not artifact_exists(str(path)):
+            out.append(f"{key}={path}: no such file (nor a data prefix with .bin and .idx)")
+    if _training(stages) and not out:
+        out += vocab_problems(cfg, stages)
     return out
-
-
-def checkpoint_problems(key: str, path: str) -> List[str]:
-    """An existing path that no checkpoint reader takes (a truncated download, a wrong file): said now,
-    not when the stage loads it after the ones before it ran."""
-    try:
-        detect_format(str(path))
-    except (ValueError, OSError) as e:
-        return [f"{key}={e}"]
-    return []
 
 
 def validate_request(cfg: DictConfig, warn: Optional[Callable[[str], None]] = None) -> List[str]:
     """Everything checked before planning: the stage selection, then `validate`. Returns the stages."""
+    stages, problems = request_problems(cfg, warn)
+    if problems:
+        raise ConfigError(problems)
+    return stages
+
+
+def request_problems(cfg: DictConfig, warn: Optional[Callable[[str], None]] = None) -> tuple:
+    """(the stages asked for, every problem `validate` finds); no stages when the selection is wrong."""
     try:
         stages = parse_stage_selection(cfg.stage)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
-    validate(cfg, stages, dry_run=cfg.dry_run, warn=warn)
-    return stages
+        return [], [str(e)]
+    try:
+        validate(cfg, stages, dry_run=cfg.dry_run, warn=warn)
+    except ConfigError as e:
+        return stages, list(e.problems)
+    return stages, []
 
 
 def _warn_dry_run(msg: str) -> None:
@@ -275,21 +354,18 @@ def _warn_dry_run(msg: str) -> None:
 
 def _profile(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
     out = []
-    for stage in ("rm", "ppo"):
-        if stage in stages:
-            p = cfg[stage].model.torch_profile
-            if p.enabled and not 1 <= p.start_step <= p.end_step:
-                out.append(f"{stage}.model.torch_profile: start_step={p.start_step}, end_step={p.end_step}: "
-                           "need 1 <= start_step <= end_step (1-based steps)")
+    for stage in _training(stages):
+        p = cfg[stage].model.torch_profile
+        if p.enabled and not 1 <= p.start_step <= p.end_step:
+            out.append(f"{stage}.model.torch_profile: start_step={p.start_step}, end_step={p.end_step}: "
+                       "need 1 <= start_step <= end_step (1-based steps)")
     return out
 
 
 def _optim(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
     """lr and schedule values the optimizer would only refuse after the stages before it ran."""
     out = []
-    for name in ("rm.model.optim", "ppo.model.optim", "ppo.critic.optim"):
-        if name.split(".")[0] not in stages:
-            continue
+    for name in [o for s in stages for o in REGISTRY[s].optimizers]:
         o = OmegaConf.select(cfg, name)
         if not o.lr > 0:
             out.append(f"{name}.lr={o.lr} must be > 0")
@@ -313,9 +389,7 @@ def _loop(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
     """Run length and intervals that the trainers would only refuse (or divide by) after the stages
     before them ran. -1 (or null) is NeMo's "no limit" for max_steps and max_epochs."""
     out = []
-    for stage in ("rm", "ppo"):
-        if stage not in stages:
-            continue
+    for stage in _training(stages):
         name = f"{stage}.trainer.{stage}"
         t = OmegaConf.select(cfg, name)
         limits = {k: t.get(k) for k in ("max_epochs", "max_steps")}
@@ -338,7 +412,7 @@ def _loop(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
 
 def _engine(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
     budget = cfg.model.activation_memory_budget
-    if {"rm", "ppo"} & set(stages) and not 0 < budget <= 1:
+    if _training(stages) and not 0 < budget <= 1:
         return [f"model.activation_memory_budget={budget} must be in (0, 1]: the fraction of the activations "
                 "a compiled backward may keep (1 = all)"]
     return []
@@ -349,9 +423,8 @@ def validate(cfg: DictConfig, stages: Sequence[str], dry_run: bool = False,
     """Raise ConfigError listing every problem found in the composed config.
 
     `warn`: what a dry run does with problems that are only errors when run for real (default: log them)."""
-    sections = {"prep": ["data"], "rm": ["model", "rm"], "ppo": ["model", "ppo"], "eval": ["eval"]}
-    wanted = ["run", "cluster"] + sorted({s for st in stages for s in sections[st]})
-    problems = _missing(cfg, wanted)
+    wanted = ["run", "cluster"] + sorted({s for st in stages for s in REGISTRY[st].sections})
+    problems = unknown_keys(cfg) + _missing(cfg, wanted)
     if problems:  # the rules below would trip over the missing values
         raise ConfigError(problems)
     problems += _choices(cfg)
@@ -362,6 +435,8 @@ def validate(cfg: DictConfig, stages: Sequence[str], dry_run: bool = False,
     problems += _loop(cfg, stages)
     problems += _engine(cfg, stages)
     problems += tracking_problems(cfg, stages)  # logger= (its package installed), optimized_metric
+    if "prep" in stages:
+        problems += trainable_vocab_problems(cfg)
     files = _files(cfg, stages)
     if dry_run:  # a dry run previews a config for another machine: missing files are warnings
         for msg in files:

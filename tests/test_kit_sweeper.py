@@ -148,3 +148,16 @@ def test_a_preset_may_choose_another_sweeper(tmp_path):
         r = cli(*args)
         assert r.returncode == 0, r.stderr
         assert OmegaConf.create(r.stdout).hydra.sweeper._target_.endswith("BasicSweeper"), args
+
+
+def test_a_plain_basic_sweeper_gets_the_kits_check_of_every_point(tmp_path):
+    """`hydra/sweeper=basic` launched point #0 before finding point #1 bad; it now runs as the kit's."""
+    from tests.kit import cli
+
+    sweep = tmp_path / "sweep"
+    r = cli("-m", "hydra/sweeper=basic", "stage=rm", "rm.model.global_batch_size=32,36", f"run.dir={tmp_path}/run",
+            f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "BasicSweeper runs as the kit's KitSweeper" in r.stdout
+    assert "sweep point #1: rm.model.global_batch_size=36" in r.stderr
+    assert not sweep.exists() and not (tmp_path / "run").exists()

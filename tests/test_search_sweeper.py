@@ -63,3 +63,16 @@ def test_optuna_minimises_the_reward_models_validation_loss_on_the_cpu(tmp_path)
     results = [json.loads(line) for line in (sweep / "sweep_results.jsonl").read_text().splitlines()]
     assert [p["optimized_metric"]["rm/val/loss"] for p in sorted(results, key=lambda p: p["num"])] == losses
     assert all(p["stages"]["rm"]["status"] == "succeeded" for p in results)
+
+
+@needs_optuna
+def test_a_plain_optuna_sweeper_gets_the_kits_check_of_each_trial(tmp_path):
+    """`hydra/sweeper=optuna` (Optuna's own name, not kit_optuna) launched a trial the kit refuses, which
+    then failed in its job; it now runs as kit_optuna: refused before launch, exit 2, nothing written."""
+    sweep = tmp_path / "sweep"
+    r = cli("-m", "stage=rm", "hparams_search=rm_optuna", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+            "rm.model.global_batch_size=36", f"run.dir={tmp_path}/run", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "OptunaSweeper runs as the kit's KitOptunaSweeper" in r.stdout
+    assert "rm.model.global_batch_size=36 is not divisible" in r.stderr and "(sweep point #0: " in r.stderr
+    assert "Launching" not in r.stdout and not sweep.exists() and not (tmp_path / "run").exists()
