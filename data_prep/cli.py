@@ -115,6 +115,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="[%(asctime)s][%(name)s] %(message)s", datefmt="%H:%M:%S")
     cmd = COMMANDS.get(argv[0]) if argv else None
-    result = cmd(argv[1:]) if cmd else cmd_prep(argv)
+    try:
+        result = cmd(argv[1:]) if cmd else cmd_prep(argv)
+    except Exception as e:  # noqa: BLE001 - a user-facing failure is one message, not a traceback
+        if not getattr(e, "user_facing", False):
+            raise
+        logging.getLogger("data_prep").error("%s", e)
+        return 1
     print(json.dumps(result, indent=2))
     return 0

@@ -47,6 +47,8 @@ _BROKEN = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)  # a cut or
 class NemoArchiveError(ValueError):
     """A .nemo that cannot be read safely: corrupt, a reference leaving it, a member over its cap."""
 
+    user_facing = True  # the message says it all: runners log it without a traceback
+
 
 def _norm(name: str) -> str:
     return name[2:] if name.startswith("./") else name
