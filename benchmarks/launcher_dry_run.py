@@ -46,7 +46,7 @@ def main() -> None:
                 times = [timed(cmd) for _ in range(args.repeat)]
                 rows.append((preset, cluster, statistics.median(times), min(times), max(times)))
     lines = [
-        "# Dry-run wall time (issue 2: goal well under 2 s)", "",
+        "# Launcher: dry-run wall time (goal well under 2 s)", "",
         f"Command: `python benchmarks/launcher_dry_run.py --repeat {args.repeat}`  ",
         f"Machine: {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}, "
         f"{time.strftime('%Y-%m-%d')}. Each row runs `python launcher/main.py experiment=P cluster=C dry_run=true` "

@@ -185,7 +185,7 @@ def main():
     p.add_argument("--gutenberg-dir", default=None)
     p.add_argument("--work-dir", default="/tmp/prep_bench")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "prep_mmap_results.json"))
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "prep/mmap_throughput.json"))
     p.add_argument("--reference-loop", nargs=3, metavar=("INPUT", "PREFIX", "TOKENIZER"))
     p.add_argument("--raw-encode", nargs=2, metavar=("INPUT", "TOKENIZER"))
     args = p.parse_args()

@@ -35,7 +35,7 @@ def main():
     ap.add_argument("--lr", type=float, default=9e-6)
     args = ap.parse_args()
     here = os.path.dirname(os.path.abspath(__file__))
-    lengths = json.load(open(os.path.join(here, "rm_hh_lengths.json")))["pairs"]
+    lengths = json.load(open(os.path.join(here, "rm", "hh_lengths.json")))["pairs"]
     cfg = presets.gpt_2b_001()
     cfg.num_layers = args.layers
     cfg.torch_compile = not args.eager

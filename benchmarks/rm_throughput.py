@@ -1,5 +1,5 @@
 """Reward-model training throughput, GPT-2B-001 architecture (random weights, 256k vocab), bf16, one
-GPU, on HH's real pair-length distribution (benchmarks/rm_hh_lengths.json, random token ids):
+GPU, on HH's real pair-length distribution (benchmarks/rm/hh_lengths.json, random token ids):
 
   ours    the rm stage's RMTrainer.train_step: length-grouped global batches of 64 pairs, micro-batches
           padded to their longest member (split above --max-tokens padded tokens), eager (and
@@ -215,7 +215,7 @@ def measure(name, model, cfg, ds, settings, warmup, steps, optim_cfg, device="cu
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", default=os.path.join(HERE, "rm_hh_lengths.json"))
+    ap.add_argument("--lengths", default=os.path.join(HERE, "rm", "hh_lengths.json"))
     ap.add_argument("--out", default="rm_throughput.json")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--gbs", type=int, default=64)

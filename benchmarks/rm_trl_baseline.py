@@ -3,7 +3,7 @@ GPT-2B-001's size (24 layers, hidden 2048, ffn 5440, 16 heads, 256k vocab; seque
 head), bf16, random weights, HH's real pair lengths with random token ids. TRL's defaults: random
 order, each micro-batch padded to its longest member. Prints one JSON line.
 
-    python benchmarks/rm_trl_baseline.py --lengths benchmarks/rm_hh_lengths.json
+    python benchmarks/rm_trl_baseline.py --lengths benchmarks/rm/hh_lengths.json
 """
 from __future__ import annotations
 

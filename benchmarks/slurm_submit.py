@@ -9,7 +9,7 @@ the command is started. Sweeps are submitted held (`hydra.launcher.additional_pa
 the same for both) so nothing runs while measuring; Hydra's launcher then waits for results, so it is
 stopped and its array cancelled once measured. Runs alternate kit/bare so drift hits both alike.
 
-    python benchmarks/slurm_submit.py [--repeats 5] [--out benchmarks/slurm_submit.json] [--before OLD.json]
+    python benchmarks/slurm_submit.py [--repeats 5] [--out benchmarks/slurm_submit/results.json] [--before OLD.json]
 
 `--before`: a result of this script from an earlier version of the kit (run from a checkout of that
 version, same machine, same session), kept in the new result under "before" for the ratio it had.
@@ -59,7 +59,7 @@ def timed(argv, name: str, expect: int, returns: bool) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "slurm_submit.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "slurm_submit/results.json")
     ap.add_argument("--before", type=Path, help="an earlier result of this script, to keep alongside")
     args = ap.parse_args()
     py, tmp = sys.executable, Path(tempfile.mkdtemp(prefix="slurm_bench_"))

@@ -33,12 +33,15 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subsets", type=_split_list, default=[], help="e.g. harmless-base,helpful-base")
     p.add_argument("--splits", type=_split_list, default=d.splits)
     p.add_argument("--max-pairs", type=int, default=None)
+    p.add_argument("--allow-truncated-input", action="store_true",
+                   help="keep the records read before a cut or corrupt input file (default: fail)")
     p.add_argument("--output-dir", default="./", help="where the files go (the hands-on's default)")
 
 
 def _data_config(a, **extra) -> DataConfig:
     return DataConfig(source=a.source, path=a.path, hub_name=a.hub_name, subsets=a.subsets,
-                      splits=a.splits, max_pairs=a.max_pairs, **extra)
+                      splits=a.splits, max_pairs=a.max_pairs,
+                      allow_truncated_input=a.allow_truncated_input, **extra)
 
 
 def cmd_prep(argv: List[str]) -> dict:
@@ -115,6 +118,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="[%(asctime)s][%(name)s] %(message)s", datefmt="%H:%M:%S")
     cmd = COMMANDS.get(argv[0]) if argv else None
-    result = cmd(argv[1:]) if cmd else cmd_prep(argv)
+    try:
+        result = cmd(argv[1:]) if cmd else cmd_prep(argv)
+    except Exception as e:  # noqa: BLE001 - a user-facing failure is one message, not a traceback
+        if not getattr(e, "user_facing", False):
+            raise
+        logging.getLogger("data_prep").error("%s", e)
+        return 1
     print(json.dumps(result, indent=2))
     return 0

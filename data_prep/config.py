@@ -23,6 +23,9 @@ class DataConfig:
     subsets: List[str] = field(default_factory=list)  # HH data_dir names; empty = all
     splits: List[str] = field(default_factory=lambda: ["train", "test"])
     max_pairs: Optional[int] = None  # cap per split, for quick runs
+    # an input file cut short (a truncated .jsonl.gz, a last line ending mid-record) fails the stage;
+    # true keeps the records read before the cut (counted as unreadable_file in report.json)
+    allow_truncated_input: bool = False
     tokenizer: DataTokenizerConfig = field(default_factory=DataTokenizerConfig)
     workers: int = 2
     append_eod: bool = True

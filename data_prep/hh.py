@@ -14,6 +14,7 @@ from typing import Iterable, Optional, Tuple
 
 from tqdm import tqdm
 
+from data_prep.errors import remove_quietly
 from data_prep.report import DropLog
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,17 @@ def convert_pair(record, fmt: PromptFormat = PROMPT_FORMATS["nemo"]) -> Tuple[Op
         return None, "rejected_turns_do_not_split"
     if c[1] != r[1]:
         return None, "prompt_mismatch"
+    if c[0] == r[0]:  # the same answer both ways: no preference, nothing for a reward model to learn
+        return None, "chosen_equals_rejected"
     return {"prompt": c[1], "chosen": c[0], "rejected": r[0]}, None
+
+
+class NoPairsKept(Exception):
+    """A split kept no pair: nothing was committed."""
+
+    def __init__(self, read: int):
+        super().__init__(f"{read} records read, no pair kept")
+        self.read = read
 
 
 class JoinedJsonlWriter:
@@ -128,9 +139,13 @@ class JoinedJsonlWriter:
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        self._f.close()
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
+        """Never raises: on a full disk the close fails too (its flush), and the file must still go."""
+        try:
+            self._f.close()
+        except OSError:
+            pass
+        finally:
+            remove_quietly(self.tmp)
 
 
 def write_split(records: Iterable[Tuple[str, int, object]], out_dir: str, split: str,
@@ -138,7 +153,8 @@ def write_split(records: Iterable[Tuple[str, int, object]], out_dir: str, split:
     """Stream (source, line, record-or-error) into `{split}_prompts.jsonl` / `{split}_comparisons.jsonl`.
 
     A record that failed to parse arrives as a `data_prep.sources.BadRecord`; it is counted and skipped.
-    Returns {"read", "kept", "prompts", "comparisons"}.
+    Returns {"read", "kept", "prompts", "comparisons"}. Keeping no pair raises NoPairsKept and
+    writes nothing: an empty dataset would only fail later, in another stage.
     """
     prompts = JoinedJsonlWriter(os.path.join(out_dir, f"{split}_prompts.jsonl"))
     comps = JoinedJsonlWriter(os.path.join(out_dir, f"{split}_comparisons.jsonl"))
@@ -160,6 +176,8 @@ def write_split(records: Iterable[Tuple[str, int, object]], out_dir: str, split:
             comps.write({"text": pair["rejected"]})
             kept += 1
             bar.update()
+        if kept == 0:
+            raise NoPairsKept(read)
         prompts.commit()
         comps.commit()
     except BaseException:

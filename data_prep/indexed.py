@@ -80,10 +80,17 @@ class MMapIndexedWriter:
         return sizes
 
     def abort(self) -> None:
-        self._bin.close()
-        for p in (bin_path(self.prefix) + self._tag, idx_path(self.prefix) + self._tag):
-            if os.path.exists(p):
-                os.remove(p)
+        """Never raises: on a full disk the close fails too (its flush), and the files must still go."""
+        try:
+            self._bin.close()
+        except OSError:
+            pass
+        finally:
+            for p in (bin_path(self.prefix) + self._tag, idx_path(self.prefix) + self._tag):
+                try:
+                    os.remove(p)
+                except FileNotFoundError:
+                    pass
 
 
 def read_index(prefix: str):

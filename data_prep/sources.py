@@ -12,8 +12,11 @@ import json
 import logging
 import os
 import socket
+import zlib
 from typing import Iterator, List, Tuple
 from urllib.parse import urlparse
+
+from data_prep.errors import PrepError
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +43,21 @@ def data_split(split: str) -> str:
     return split
 
 
-def read_jsonl(path: str, label: str = None) -> Iterator[Record]:
-    """Lines of a .jsonl or .jsonl.gz file as records; bad lines become BadRecord, never exceptions."""
+def _cut(path: str, line: int, why: str, allow_truncated: bool) -> BadRecord:
+    """A file that ends before its data does: the stage fails, unless the user keeps what was read."""
+    if not allow_truncated:
+        raise PrepError(f"{path}: unreadable after line {line}: {why}. The file is cut short or corrupt: fetch it "
+                        f"again, or set data.allow_truncated_input=true to keep the {line} lines read")
+    log.error("%s: unreadable after line %d: %s; keeping the lines read (data.allow_truncated_input=true)",
+              path, line, why)
+    return BadRecord("unreadable_file")
+
+
+def read_jsonl(path: str, label: str = None, allow_truncated: bool = False) -> Iterator[Record]:
+    """Lines of a .jsonl or .jsonl.gz file as records; bad lines become BadRecord, never exceptions.
+
+    A file cut short (a gzip stream without its end, a bad CRC or length, a last line cut mid-record)
+    raises PrepError, or with `allow_truncated` becomes one BadRecord("unreadable_file") after what was read."""
     label = label or path
     opener = gzip.open if path.endswith(".gz") else open
     line = 0
@@ -58,10 +74,12 @@ def read_jsonl(path: str, label: str = None) -> Iterator[Record]:
                 try:
                     yield label, line, json.loads(text)
                 except ValueError:
-                    yield label, line, BadRecord("bad_json")
-    except (EOFError, OSError) as e:  # truncated or corrupt gzip: count it, keep what was read
-        log.error("%s: unreadable after line %d: %s", path, line, e)
-        yield label, line + 1, BadRecord("unreadable_file")
+                    if not raw.endswith(b"\n"):  # only the file's last line can: cut mid-record
+                        yield label, line, _cut(path, line - 1, f"line {line} ends mid-record", allow_truncated)
+                    else:
+                        yield label, line, BadRecord("bad_json")
+    except (EOFError, OSError, zlib.error) as e:  # a cut or corrupt gzip
+        yield label, line + 1, _cut(path, line, f"{type(e).__name__}: {e}", allow_truncated)
 
 
 def split_files(data, split: str) -> List[str]:
@@ -114,7 +132,7 @@ def iter_records(data, split: str) -> Iterator[Record]:
         yield from _iter_hub(data, data_split(split))
         return
     for path in split_files(data, split):
-        yield from read_jsonl(path)
+        yield from read_jsonl(path, allow_truncated=data.allow_truncated_input)
 
 
 def source_fingerprint(data, split: str) -> str:

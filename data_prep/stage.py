@@ -15,17 +15,19 @@ import time
 from typing import Optional
 
 from data_prep.config import DataConfig
-from data_prep.hh import prompt_format, write_split
+from data_prep.errors import PrepError, clean_stale_tmp, disk_full
+from data_prep.hh import NoPairsKept, prompt_format, write_split
 from data_prep.indexed import bin_path, idx_path
 from data_prep.report import DropLog, write_json_atomic
-from data_prep.sources import iter_records, source_fingerprint
+from data_prep.sources import iter_records, source_fingerprint, split_files
 from data_prep.to_mmap import jsonl_to_mmap
 from data_prep.tokenizers import install_tokenizer, load_tokenizer, train_sentencepiece
 
 log = logging.getLogger(__name__)
 
 # Bump when a step's output for the same input changes, so stale outputs are not reused.
-FORMAT_VERSION = 1
+# 2: pairs with chosen == rejected are dropped; allow_truncated_input is part of the JSONL step's key.
+FORMAT_VERSION = 2
 TRAINED_TOKENIZER = "tokenizer.model"
 
 
@@ -63,7 +65,7 @@ def prep_jsonl(data: DataConfig, out_dir: str, split: str) -> dict:
     fp_path = os.path.join(out_dir, f"{split}_jsonl.fingerprint.json")
     key = _key(step="jsonl", version=FORMAT_VERSION, source=data.source, hub=data.hub_name,
                subsets=list(data.subsets), max_pairs=data.max_pairs, split=split,
-               input=source_fingerprint(data, split),
+               allow_truncated_input=data.allow_truncated_input, input=source_fingerprint(data, split),
                **({"prompt_format": data.prompt_format} if data.prompt_format != "nemo" else {}))
     outputs = [os.path.join(out_dir, f"{split}_{k}.jsonl") for k in ("prompts", "comparisons")]
     rec = _load_fingerprint(fp_path, key, outputs)
@@ -73,11 +75,33 @@ def prep_jsonl(data: DataConfig, out_dir: str, split: str) -> dict:
     _invalidate(fp_path)
     t0 = time.time()
     drops = DropLog()
-    res = write_split(iter_records(data, split), out_dir, split, drops, data.max_pairs, prompt_format(data.prompt_format))
-    report = {"records_read": res["read"], "pairs_kept": res["kept"], "dropped": drops.to_dict(),
-              "seconds": round(time.time() - t0, 3)}
+    try:
+        res = write_split(iter_records(data, split), out_dir, split, drops, data.max_pairs,
+                          prompt_format(data.prompt_format))
+    except NoPairsKept as e:
+        raise PrepError(_no_pairs_message(data, split, e.read, drops)) from None
+    identical = drops.counts.get("chosen_equals_rejected", 0)
+    if identical:
+        log.warning("%s: %d pairs have chosen == rejected: dropped, a pair without a preference teaches a reward "
+                    "model nothing (report.json: dropped.lines.chosen_equals_rejected)", split, identical)
+    report = {"records_read": res["read"], "pairs_kept": res["kept"], "identical_pairs_dropped": identical,
+              "dropped": drops.to_dict(), "seconds": round(time.time() - t0, 3)}
     write_json_atomic(fp_path, {"key": key, "report": report})
     return dict(report, reused=False)
+
+
+def _no_pairs_message(data: DataConfig, split: str, read: int, drops: DropLog) -> str:
+    inputs = (f"{data.hub_name} (subsets {list(data.subsets) or 'all'})" if data.source == "hub"
+              else ", ".join(split_files(data, split)))
+    if not read:
+        why = "it holds no record (an empty file?)"
+    else:
+        firsts = {r: {src: lines[:5] for src, lines in where.items()} for r, where in drops.where.items()}
+        why = (f"{read} records read, every one dropped: {dict(drops.counts)}"
+               + (f" (first lines: {firsts})" if firsts else "")
+               + (f"; data.max_pairs={data.max_pairs}" if data.max_pairs is not None and data.max_pairs <= 0 else ""))
+    return (f"{split}: no comparison pair (and no prompt) kept from {inputs}: {why}. HH records are "
+            '{"chosen": ..., "rejected": ...}, two dialogues that share their prompt and differ in the last answer')
 
 
 def iter_texts(jsonl_path: str):
@@ -147,9 +171,20 @@ def _tok_files(tok):
 
 def prepare(data: DataConfig, out_dir: str, restore_from_path: Optional[str] = None) -> dict:
     """Run every step into `out_dir`; returns the stage's artifacts (absolute paths)."""
-    t0 = time.time()
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    clean_stale_tmp(out_dir)  # what a killed prep left mid-write
+    try:
+        return _prepare(data, out_dir, restore_from_path)
+    except OSError as e:
+        full = disk_full(e, out_dir)
+        if full is None:
+            raise
+        raise full from None
+
+
+def _prepare(data: DataConfig, out_dir: str, restore_from_path: Optional[str]) -> dict:
+    t0 = time.time()
     splits = list(dict.fromkeys(data.splits))
     report = {"source": {"source": data.source, "path": data.path, "hub_name": data.hub_name,
                          "subsets": list(data.subsets), "max_pairs": data.max_pairs},
@@ -160,7 +195,7 @@ def prepare(data: DataConfig, out_dir: str, restore_from_path: Optional[str] = N
     fmt = prompt_format(data.prompt_format)
     missing = [t for t in fmt.needs_tokens if getattr(tok, "token_id", lambda _t: None)(t) is None]
     if missing:
-        raise ValueError(f"data.prompt_format={fmt.name}: the tokenizer {tok.path} has no {' or '.join(missing)} "
+        raise PrepError(f"data.prompt_format={fmt.name}: the tokenizer {tok.path} has no {' or '.join(missing)} "
                          f"token; use data.prompt_format=nemo, or a tokenizer of a {fmt.name} model")
     report["tokenizer"] = dict(tok_info, path=tok.path, library=tok.library,
                                vocab_size=tok.vocab_size, eos_id=tok.eos_id)

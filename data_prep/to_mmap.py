@@ -21,6 +21,7 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
+from data_prep.errors import PrepError
 from data_prep.indexed import MMapIndexedWriter, token_dtype
 from data_prep.report import DropLog, token_stats
 
@@ -116,6 +117,9 @@ def jsonl_to_mmap(input_path: str, output_prefix: str, tokenizer, json_key: str 
                 pending = (fut, nbytes)
             if pending is not None:
                 drain(pending)
+        if not len(writer.sizes):  # Megatron cannot even mmap an empty .bin: say why here, not in rm
+            raise PrepError(f"{input_path}: no document to tokenize (dropped: {dict(drops.counts) or 'none'}; "
+                            f"{empty} documents encode to no tokens); nothing was written")
         sizes = writer.finish()
     except BaseException:
         writer.abort()

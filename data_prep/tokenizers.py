@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from typing import Iterable, List, Optional
 
 log = logging.getLogger(__name__)
@@ -121,11 +120,26 @@ class HuggingFaceTokenizer:
 
     def save(self, out_dir: str) -> str:
         path = os.path.join(out_dir, "tokenizer.json")
-        self.tok.save(path)
-        with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump({"eos_token": self.eos_token, "bos_token": self.bos_token,
-                       "pad_token": self.pad_token}, f, indent=2)
+        _write_atomic(path, self.tok.to_str(pretty=True).encode("utf-8"))
+        specials = {"eos_token": self.eos_token, "bos_token": self.bos_token, "pad_token": self.pad_token}
+        _write_atomic(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(specials, indent=2).encode())
         return path
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    """`path` complete or untouched: a tmp name (`*.tmp-PID`, cleaned by the next prep if this process
+    dies), removed on any failure (a full disk included)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def _first_known(tok, names):
@@ -192,8 +206,8 @@ def install_tokenizer(tok, out_dir: str) -> str:
     if isinstance(tok, SentencePieceTokenizer):
         dst = os.path.join(out_dir, os.path.basename(tok.path))
         if os.path.abspath(tok.path) != os.path.abspath(dst):
-            shutil.copyfile(tok.path, dst + ".tmp")
-            os.replace(dst + ".tmp", dst)
+            with open(tok.path, "rb") as f:
+                _write_atomic(dst, f.read())  # a tokenizer is a few MB
         return dst
     return tok.save(out_dir)
 
@@ -230,10 +244,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_path: str,
             log.warning("training text supports at most %s pieces; vocab_size %d -> %s",
                         m.group(1), vocab_size, m.group(1))
             vocab_size = int(m.group(1))
-    tmp = out_path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, out_path)
+    _write_atomic(out_path, model.getvalue())
     log.info("trained a sentencepiece BPE of %d pieces on %d documents -> %s",
              vocab_size, len(docs), out_path)
     return out_path

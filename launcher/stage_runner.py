@@ -29,7 +29,7 @@ log = logging.getLogger("stage")
 
 # PyTorch's caching allocator with expandable segments: less fragmentation when the models of a
 # PPO step come and go (GPT-2B actor micro-batch 8 fits 80 GB with it, not without:
-# benchmarks/ppo_README.md). Set before torch is imported here; a user's own setting wins.
+# benchmarks/ppo.md). Set before torch is imported here; a user's own setting wins.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
@@ -177,7 +177,10 @@ def run_stage(run_dir: Path, stage: str, requeue: bool = False) -> int:
             manifest.update_stage(stage, status="cancelled", finished=now(), error=f"stopped ({type(e).__name__})")
         return 130
     except Exception as e:  # noqa: BLE001 - a stage failure is reported, not re-raised
-        traceback.print_exc()
+        if getattr(e, "user_facing", False):  # bad input or a full disk: the message says it all
+            log.error("stage %s failed: %s", stage, e)
+        else:
+            traceback.print_exc()
         if rank == 0:
             manifest.update_stage(stage, status="failed", finished=now(), error=f"{type(e).__name__}: {e}")
         return 1

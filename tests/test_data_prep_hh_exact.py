@@ -86,7 +86,7 @@ def test_edge_cases_match_hands_on(tmp_path):
     """Quirks kept on purpose: transcripts without turns, prompt mismatch, odd splits, unicode."""
     records = [
         {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"},
-        {"chosen": "", "rejected": ""},  # no turns: kept as empty dialogue and prompt
+        {"chosen": "", "rejected": ""},  # no turns, and chosen == rejected: the hands-on keeps it, the kit drops it
         {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: b"},
         {"chosen": "\n\nHuman: a", "rejected": "\n\nHuman: a\n\nAssistant: b"},
         {"chosen": "\n\nHuman: x\n\nAssistant: y\n\nAssistant: z", "rejected": "\n\nHuman: x\n\nAssistant: y"},
@@ -96,10 +96,14 @@ def test_edge_cases_match_hands_on(tmp_path):
     ]
     src = tmp_path / "edge.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
-    (tmp_path / "ref").mkdir(), (tmp_path / "ours").mkdir()
-    pairs = run_seed(records, "test", tmp_path / "ref")
+    (tmp_path / "ref").mkdir(), (tmp_path / "ours").mkdir(), (tmp_path / "all").mkdir()
+    assert len(run_seed(records, "test", tmp_path / "all")) == 4
+    # the one deliberate difference (issue 18): a pair with chosen == rejected teaches nothing and is dropped
+    pairs = run_seed([r for r in records if r["chosen"] != r["rejected"]], "test", tmp_path / "ref")
     rep = prep_jsonl(DataConfig(source="local", path=str(src)), str(tmp_path / "ours"), "test")
-    assert rep["pairs_kept"] == len(pairs) == 4
-    assert rep["dropped"]["by_reason"] == {"prompt_mismatch": 1, "chosen_turns_do_not_split": 2}
+    assert rep["pairs_kept"] == len(pairs) == 3
+    assert rep["dropped"]["by_reason"] == {"chosen_equals_rejected": 1, "prompt_mismatch": 1,
+                                           "chosen_turns_do_not_split": 2}
+    assert rep["identical_pairs_dropped"] == 1
     for name in ("test_prompts.jsonl", "test_comparisons.jsonl"):
         assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()

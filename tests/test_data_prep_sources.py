@@ -94,11 +94,12 @@ def test_malformed_lines_are_counted_with_line_numbers(tmp_path):
 
 
 def test_truncated_gzip_keeps_what_was_read(tmp_path):
+    """With data.allow_truncated_input=true (issue 18: without it, a cut file fails the stage)."""
     src = tmp_path / "cut.jsonl.gz"
     write_gz(src, [pair(i, "x" * 200) for i in range(2000)])
     data = src.read_bytes()
     src.write_bytes(data[: len(data) // 2])
-    rep = prep_jsonl(DataConfig(source="local", path=str(src)), str(tmp_path), "test")
+    rep = prep_jsonl(DataConfig(source="local", path=str(src), allow_truncated_input=True), str(tmp_path), "test")
     assert 0 < rep["pairs_kept"] < 2000
     assert rep["dropped"]["by_reason"] == {"unreadable_file": 1}
 

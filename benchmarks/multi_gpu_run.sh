@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Issue 8: data-parallel reward-model training (1 GPU vs 2 GPUs, same global batch, same seed) and PPO on
 # 2 GPUs, all through the real launcher. On the device (nvidia-h200-x2), from the repo root:
-#   bash benchmarks/multi_gpu/run_2gpu.sh $OUT
+#   bash benchmarks/multi_gpu_run.sh $OUT
 # CPU rehearsal with the tiny model (gloo, 2 processes):
-#   REHEARSAL=1 bash benchmarks/multi_gpu/run_2gpu.sh /tmp/mg_out
+#   REHEARSAL=1 bash benchmarks/multi_gpu_run.sh /tmp/mg_out
 # Writes $OUT/{rm_1gpu.jsonl,rm_2gpu.jsonl,ppo_2gpu.jsonl,manifest.json,log_*.txt} (8 files at most).
 set -uo pipefail
-OUT=${1:?usage: run_2gpu.sh OUT_DIR}
+OUT=${1:?usage: multi_gpu_run.sh OUT_DIR}
 mkdir -p "$OUT"
 RUN=${RUN:-/tmp/mg_run}
 rm -rf "$RUN"
@@ -46,7 +46,7 @@ echo "rm 1gpu rc=$? $(( $(date +%s) - t0 ))s"; cp $RUN/rm_1gpu/metrics.jsonl "$O
 timeout $T_RM2 python3 launcher/main.py stage=rm "${MODEL[@]}" "${COMMON[@]}" "${RM[@]}" $DEV=2 \
   rm.model.micro_batch_size=32 rm.exp_manager.explicit_log_dir=$RUN/rm_2gpu > "$OUT/log_rm_2gpu.txt" 2>&1
 echo "rm 2gpu rc=$? $(( $(date +%s) - t0 ))s"; cp $RUN/rm_2gpu/metrics.jsonl "$OUT/rm_2gpu.jsonl"
-python3 benchmarks/multi_gpu/compare.py "$OUT/rm_1gpu.jsonl" "$OUT/rm_2gpu.jsonl" | tee "$OUT/compare.txt"
+python3 benchmarks/multi_gpu_compare.py "$OUT/rm_1gpu.jsonl" "$OUT/rm_2gpu.jsonl" | tee "$OUT/compare.txt"
 # 3) ppo on 2 GPUs against the reward model the 2-GPU rm run recorded in the manifest
 timeout $T_PPO python3 launcher/main.py stage=ppo "${PPO_MODEL[@]}" "${COMMON[@]}" $DEV=2 model.torch_compile=false "${PPO_LR[@]}" \
   ppo.model.ppo.num_rollout_samples=64 ppo.model.ppo.rollout_micro_batch_size=32 ppo.model.ppo.length_params.max_length=128 \
@@ -56,4 +56,4 @@ timeout $T_PPO python3 launcher/main.py stage=ppo "${PPO_MODEL[@]}" "${COMMON[@]
   ppo.exp_manager.explicit_log_dir=$RUN/ppo_2gpu > "$OUT/log_ppo_2gpu.txt" 2>&1
 echo "ppo 2gpu rc=$? $(( $(date +%s) - t0 ))s"; cp $RUN/ppo_2gpu/metrics.jsonl "$OUT/ppo_2gpu.jsonl"
 cp $RUN/manifest.json "$OUT/manifest.json"
-python3 benchmarks/multi_gpu/compare.py --ppo "$OUT/ppo_2gpu.jsonl" | tee -a "$OUT/compare.txt"
+python3 benchmarks/multi_gpu_compare.py --ppo "$OUT/ppo_2gpu.jsonl" | tee -a "$OUT/compare.txt"

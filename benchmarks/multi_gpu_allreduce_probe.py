@@ -1,7 +1,7 @@
 """All-reduce bandwidth between the GPUs of this host through NCCL, fp32 and bf16, one process per
 GPU (what DDP's gradient sync does). Prints algorithm bandwidth (bytes / time) per size.
 
-    python3 benchmarks/multi_gpu/allreduce_probe.py [--gpus 2]
+    python3 benchmarks/multi_gpu_allreduce_probe.py [--gpus 2]
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Compare two rm metrics.jsonl curves (1 process vs N processes, same global batch and seed) and
 report throughput; or (--ppo) print a ppo run's step-time split.
 
-    python benchmarks/multi_gpu/compare.py rm_1gpu.jsonl rm_2gpu.jsonl [--warmup 10] [--gpus 2]
-    python benchmarks/multi_gpu/compare.py --ppo ppo_2gpu.jsonl
+    python benchmarks/multi_gpu_compare.py rm_1gpu.jsonl rm_2gpu.jsonl [--warmup 10] [--gpus 2]
+    python benchmarks/multi_gpu_compare.py --ppo ppo_2gpu.jsonl
 
 Throughput excludes the first `--warmup` steps (torch.compile's first compilations, and the
 recompilation for dynamic shapes, land there): pairs/s = sum(pairs) / sum(step_time) over the
