@@ -11,8 +11,9 @@ from typing import Callable, Dict, List
 import torch
 import torch.distributed as dist
 
-from rm_training import distributed as D
-from rm_training.optim import _get, build_optimizer, build_scheduler
+from engine import distributed as D
+from engine.config import OptimConfig, typed
+from engine.optim import build_optimizer, build_scheduler
 
 from .models import MasterWeights, move_optimizer_state
 from .rollout import RolloutBatch
@@ -32,7 +33,7 @@ class TrainedModel:
         self.local_batch = global_batch_size // self.world
         self.micro_batch_size, self.grad_clip = micro_batch_size, grad_clip
         try:
-            self.sync_bf16 = D.bf16_grad_sync(_get(optim_cfg, "grad_sync_dtype"))
+            self.sync_bf16 = D.bf16_grad_sync(typed(optim_cfg, OptimConfig).grad_sync_dtype)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
 

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from rm_training import distributed as D
+from engine import distributed as D
 
 from . import algorithms as A
 from modeling import clear_generation_state
