@@ -45,7 +45,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -264,8 +264,3 @@ def _fmt(m: Dict[str, float], keys: Optional[tuple] = None) -> str:
     keys = keys or tuple(m)
     return "  ".join(f"{k} {m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float)) and not
                      (isinstance(m[k], float) and math.isnan(m[k])))
-
-
-def call_stop(should_stop: Optional[Callable[[], bool]]) -> bool:
-    """For a task's validate(): should_stop() when given (a collective), else False."""
-    return bool(should_stop()) if should_stop is not None else False

@@ -10,7 +10,7 @@ converted to one: every default is the dataclass's, there is no second set here)
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, List, Union
+from typing import Iterable, List, Union
 
 import torch
 from torch import nn
