@@ -9,7 +9,6 @@ import math
 from typing import Callable, Dict, List
 
 import torch
-import torch.distributed as dist
 
 from engine import distributed as D
 from engine.config import OptimConfig, typed
@@ -75,14 +74,7 @@ class TrainedModel:
 
     def step_optimizer(self) -> float:
         grads = self.weights.grads()
-        if self.world > 1:
-            wire = [g.to(torch.bfloat16) for g in grads] if self.sync_bf16 else grads
-            handles = [dist.all_reduce(w, async_op=True) for w in wire]
-            for h in handles:
-                h.wait()
-            if self.sync_bf16:
-                torch._foreach_copy_(grads, wire)
-            torch._foreach_div_(grads, float(self.world))
+        D.average_gradients(grads, self.sync_bf16)  # engine's one rule, as DDP's bf16 hook
         params = [m for m in self.weights.master if m.grad is not None]
         clip = self.grad_clip if self.grad_clip and self.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from engine import distributed as D
 from engine.checkpointing import CheckpointManager
 from engine.config import OptimConfig, typed
-from engine.loop import LoopConfig, TrainingLoop, every, run_length  # noqa: F401 (every: re-exported)
+from engine.loop import LoopConfig, TrainingLoop, run_length
 from engine.optim import build_optimizer, build_scheduler
 
 from .data import (PackedBatch, PairDataset, collate, collate_packed, global_batches, micro_batches, pack_pairs,
