@@ -1,4 +1,4 @@
-"""torch.distributed helpers for data-parallel training (generic: rm and ppo use them).
+"""torch.distributed helpers for data-parallel training (every training stage uses them).
 
 The launcher's runner calls `init_process_group` (gloo on CPU, nccl on GPU) and sets the CUDA
 device before a stage runs; these helpers only read that state, so a single process needs nothing.

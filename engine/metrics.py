@@ -1,4 +1,4 @@
-"""Metrics to disk (generic: rm and ppo use it): JSONL rows, TensorBoard event files and a PNG plot.
+"""Metrics to disk (every training stage uses it): JSONL rows, TensorBoard event files and a PNG plot.
 
     logger = MetricsLogger(stage_dir)                 # rank 0 writes; other ranks get a no-op logger
     logger.log(step, {"loss": 0.69, "accuracy": 0.5}, split="train")
