@@ -23,7 +23,8 @@ from launcher.manifest import artifact_exists
 from launcher.stages import REGISTRY, parse_stage_selection
 from launcher.tracking import config_problems as tracking_problems
 from launcher.inputs import checkpoint_problems, trainable_vocab_problems, vocab_problems
-from rm_training.config import COSINE_SCHEDULE, SCHEDULE_NAMES
+from modeling.formats import detect_format
+from engine.schedule import COSINE_SCHEDULE, SCHEDULE_NAMES
 
 log = logging.getLogger("launcher")
 # String keys with a fixed set of values (the dataclasses keep them as str for NeMo parity).
