@@ -50,7 +50,7 @@ class RunConfig:
     dir: str = "results/${run.name}"
     stage_dir: Optional[str] = None  # set by the launcher for the stage being run
     # set by the launcher on force=true: this launch's id; a stage then resumes only checkpoints written
-    # under it (a Slurm requeue), never an earlier run's (rm_training/resume.py)
+    # under it (a Slurm requeue), never an earlier run's (engine/resume.py)
     force_id: Optional[str] = None
     detect_anomaly: bool = False  # torch.autograd anomaly detection in the training stages (debug=fdr)
 

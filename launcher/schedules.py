@@ -92,10 +92,12 @@ def run_lengths(cfg: DictConfig, stage: str, n: int, where: str) -> List[RunLeng
         return [RunLength("rm.model.optim", steps, how)]
     p, t = cfg.ppo, cfg.ppo.trainer.ppo
     rollouts = p.model.ppo.num_rollout_samples
-    if t.max_steps and t.max_steps > 0:
+    # engine.loop.run_length's rule, as the stage applies it: whichever of max_steps and max_epochs comes first
+    by_epochs = t.max_epochs * math.ceil(n / rollouts) if t.max_epochs and t.max_epochs > 0 else None
+    if t.max_steps and t.max_steps > 0 and (by_epochs is None or t.max_steps <= by_epochs):
         ppo_steps, length = t.max_steps, f"max_steps {t.max_steps}"
     else:
-        ppo_steps = t.max_epochs * math.ceil(n / rollouts)
+        ppo_steps = by_epochs or 0
         length = f"max_epochs {t.max_epochs} x ceil({n} prompts / {rollouts} rollouts) = {ppo_steps} PPO steps ({where})"
     epochs = p.model.ppo.ppo_epochs
     out = []

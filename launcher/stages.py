@@ -11,7 +11,7 @@ from launcher.config import STAGES
 
 # A stage that saved a checkpoint on SIGTERM/SIGUSR1 exits with this (EX_TEMPFAIL): "run me again".
 # Stage packages raise SystemExit(75); the runner requeues (Slurm) or records the stop (local).
-EX_TEMPFAIL = 75
+from engine.preemption import PREEMPTED_EXIT as EX_TEMPFAIL  # noqa: E402 - one definition, engine's
 
 
 @dataclass(frozen=True)

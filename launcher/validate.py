@@ -23,7 +23,6 @@ from launcher.manifest import artifact_exists
 from launcher.stages import REGISTRY, parse_stage_selection
 from launcher.tracking import config_problems as tracking_problems
 from launcher.inputs import checkpoint_problems, trainable_vocab_problems, vocab_problems
-from modeling.formats import detect_format
 from engine.schedule import COSINE_SCHEDULE, SCHEDULE_NAMES
 
 log = logging.getLogger("launcher")

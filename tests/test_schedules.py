@@ -81,7 +81,7 @@ def test_launcher_refuses_trapped_ppo_schedules_and_prints_each_shape(tmp_path):
 
 def _prompts(tmp_path):
     p = tmp_path / "prompts.jsonl"
-    p.write_text("".join('{"text": "User: hi %d\\n\\nAssistant:"}\n' % i for i in range(100)))
+    p.write_text("".join('{"text": "User: hi %d\\n\\nAssistant:"}\n' % i for i in range(600)))  # 19 PPO steps an epoch: max_steps 16 caps the run
     return p
 
 
