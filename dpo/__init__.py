@@ -1,0 +1,1 @@
+"""DPO stage: direct preference optimization against a frozen reference (gpt_dpo.yaml)."""
