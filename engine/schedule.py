@@ -26,15 +26,11 @@ SCHEDULE_NAMES = (COSINE_SCHEDULE,) + CONSTANT_SCHEDULES
 MAX_MIN_LR_SHARE = 0.5
 
 
-def _get(cfg: Any, key: str, default=None):
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    try:
-        return cfg.get(key, default) if hasattr(cfg, "keys") else getattr(cfg, key, default)
-    except Exception:  # noqa: BLE001 - a DictConfig node without the key
-        return getattr(cfg, key, default)
+def _optim(optim_cfg: Any):
+    """The typed OptimConfig (engine/config.py): its defaults, never a second set here."""
+    from .config import OptimConfig, typed
+
+    return typed(optim_cfg, OptimConfig)
 
 
 def cosine_lr(step: int, base_lr: float, *, max_steps: int, warmup_steps: int = 0, constant_steps: int = 0,
@@ -65,16 +61,16 @@ def constant_lr(step: int, base_lr: float, *, warmup_steps: int = 0) -> float:
 def lr_function(optim_cfg: Any, total_steps: int):
     """step -> lr for `optim_cfg` (NeMo's keys: lr, sched.{name, warmup_steps, constant_steps, min_lr})
     over a run of `total_steps` optimizer steps."""
-    base = float(_get(optim_cfg, "lr"))
-    sched = _get(optim_cfg, "sched")
-    name = _get(sched, "name")
-    warmup = int(_get(sched, "warmup_steps", 0) or 0)
+    o = _optim(optim_cfg)
+    base, sched = float(o.lr), o.sched
+    name = sched.name if sched is not None else None
+    warmup = int(sched.warmup_steps) if sched is not None else 0
     if name in CONSTANT_SCHEDULES:
         return lambda s: constant_lr(s, base, warmup_steps=warmup)
     if name != COSINE_SCHEDULE:
         raise ValueError(f"optim.sched.name={name!r}: expected CosineAnnealing | constant")
-    kw = dict(max_steps=int(total_steps), warmup_steps=warmup, constant_steps=int(_get(sched, "constant_steps", 0) or 0),
-              min_lr=float(_get(sched, "min_lr", 0.0) or 0.0))
+    kw = dict(max_steps=int(total_steps), warmup_steps=warmup, constant_steps=int(sched.constant_steps),
+              min_lr=float(sched.min_lr))
     return lambda s: cosine_lr(s, base, **kw)
 
 
@@ -108,10 +104,10 @@ def shape(optim_cfg: Any, total_steps: int) -> ScheduleShape:
     total = max(1, int(total_steps))
     f = lr_function(optim_cfg, total)
     lrs = [f(s) for s in range(total)]  # the lr of optimizer step s + 1
-    sched = _get(optim_cfg, "sched")
-    name = _get(sched, "name")
+    sched = _optim(optim_cfg).sched
+    name = sched.name if sched is not None else None
     peak = max(lrs)
-    min_lr = float(_get(sched, "min_lr", 0.0) or 0.0) if name == COSINE_SCHEDULE else peak
+    min_lr = float(sched.min_lr) if name == COSINE_SCHEDULE else peak
     warm = next((i for i, x in enumerate(lrs) if x >= peak * (1 - 1e-9)), 0)
     # warmup steps below min_lr are warmup, not a hold at min_lr: count only from the peak on
     at_min = sum(1 for x in lrs[warm:] if x <= min_lr * (1 + 1e-9)) if min_lr < peak * (1 - 1e-9) else 0
@@ -122,14 +118,13 @@ def trap(key: str, optim_cfg: Any, total_steps: int, how: str) -> Optional[str]:
     """A message when the schedule at `key` (e.g. "rm.model.optim") would sit at min_lr for most of a
     run of `total_steps` optimizer steps (`how` says where that number comes from), None when it fits
     or the user asked for it (`sched.allow_min_lr_hold: true`)."""
-    sched = _get(optim_cfg, "sched")
-    if sched is None or _get(sched, "allow_min_lr_hold", False):
+    sched = _optim(optim_cfg).sched
+    if sched is None or sched.allow_min_lr_hold:
         return None
     s = shape(optim_cfg, total_steps)
     if s.min_lr_share <= MAX_MIN_LR_SHARE:
         return None
-    warmup = int(_get(sched, "warmup_steps", 0) or 0)
-    constant = int(_get(sched, "constant_steps", 0) or 0)
+    warmup, constant = int(sched.warmup_steps), int(sched.constant_steps)
     fits = [f"{key}.sched.constant_steps=0 (cosine from the end of warmup to the end of the run)"]
     if constant and s.total_steps // 4 > 0:
         fits.append(f"constant_steps<={s.total_steps // 4}")

@@ -12,7 +12,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from data_prep.report import write_json_atomic
+from engine.io import atomic_write, write_json
 from data_prep.sources import read_jsonl
 
 from .config import PolicyEvalConfig
@@ -111,14 +111,13 @@ def evaluate_policy(pe: PolicyEvalConfig, reference: str, reward_model: str, sta
                **_stats("policy", pol_rows, rp, tok.eos_id, pe.max_length),
                **_stats("reference", ref_rows, rr, tok.eos_id, pe.max_length)}
     mpath = os.path.join(stage_dir, "policy_metrics.json")
-    write_json_atomic(mpath, metrics)
+    write_json(mpath, metrics)
     spath = os.path.join(stage_dir, "policy_samples.jsonl")
-    with open(spath + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_write(spath) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for t, (a, pa), (b, pb), x, y, k in zip(texts, pol_rows, ref_rows, rp, rr, kl):
             f.write(json.dumps({"prompt": t, "policy": tok.decode(a[pa:]), "reference": tok.decode(b[pb:]),
                                 "reward_policy": round(float(x), 6), "reward_reference": round(float(y), 6),
                                 "kl": round(float(k), 6)}) + "\n")
-    os.replace(spath + ".tmp", spath)
     ppath = _plot(rp, rr, os.path.join(stage_dir, "policy_rewards.png"))
     log.info("policy vs reference on %d prompts: reward %.3f +- %.3f vs %.3f +- %.3f, win rate %.3f, KL %.2f nats, "
              "length %.1f vs %.1f tokens, cut at max_length %.2f vs %.2f", len(ids), metrics["policy_reward_mean"],
@@ -141,7 +140,7 @@ def _plot(rp, rr, path):
     ax.set_xlabel("reward")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
     return path

@@ -2,10 +2,11 @@
 baseline beside it) and the reward histograms of chosen and rejected responses."""
 from __future__ import annotations
 
-import os
 from typing import Dict
 
 import numpy as np
+
+from engine.io import atomic_write
 
 
 def table(results: Dict[str, dict]) -> str:
@@ -45,8 +46,7 @@ def plot(results: Dict[str, dict], chosen: np.ndarray, rejected: np.ndarray, pat
     b.set_title("rewards")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -12,7 +12,8 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from data_prep.report import DropLog, write_json_atomic
+from data_prep.report import DropLog
+from engine.io import atomic_write, write_json
 
 from .config import RewardEvalConfig
 from .metrics import by_subset
@@ -105,20 +106,19 @@ def evaluate_reward_model(ev: RewardEvalConfig, stage_dir: str) -> Dict[str, str
     len_r = np.array([len(p.rejected) for p in pairs])
     results = by_subset([p.subset for p in pairs], chosen, rejected, len_c, len_r, ev.bootstrap_samples, ev.seed)
     rewards_path = os.path.join(stage_dir, "rm_rewards.jsonl")
-    with open(rewards_path + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_write(rewards_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for p, c, j in zip(pairs, chosen, rejected):
             f.write(json.dumps({"source": p.source, "line": p.line, "subset": p.subset, "reward_chosen": round(float(c), 6),
                                 "reward_rejected": round(float(j), 6), "margin": round(float(c - j), 6),
                                 "correct": bool(c > j), "tokens_chosen": len(p.chosen),
                                 "tokens_rejected": len(p.rejected)}) + "\n")
-    os.replace(rewards_path + ".tmp", rewards_path)
     metrics = {"reward_model": ev.restore_from_path, "data": str(data), "seq_length": seq_length, "results": results,
                "rewards": {"chosen_mean": float(chosen.mean()), "chosen_std": float(chosen.std()),
                            "rejected_mean": float(rejected.mean()), "rejected_std": float(rejected.std())},
                "skipped": drops.to_dict(), "pairs_per_s": round(len(pairs) / max(elapsed, 1e-9), 2),
                "device": str(device)}
     metrics_path = os.path.join(stage_dir, "rm_metrics.json")
-    write_json_atomic(metrics_path, metrics)
+    write_json(metrics_path, metrics)
     plot_path = plot(results, chosen, rejected, os.path.join(stage_dir, "rm_eval.png"),
                      f"{os.path.basename(str(ev.restore_from_path))} on {os.path.basename(str(data))}")
     skipped = "; ".join(f"{k} {v} ({_lines(drops.where[k])})" for k, v in drops.counts.items()) or "none"

@@ -22,7 +22,7 @@ from launcher.errors import ConfigError, suggest
 from launcher.stages import parse_stage_selection
 from launcher.tracking import config_problems as tracking_problems
 from modeling.formats import detect_format
-from rm_training.config import COSINE_SCHEDULE, SCHEDULE_NAMES
+from engine.schedule import COSINE_SCHEDULE, SCHEDULE_NAMES
 
 log = logging.getLogger("launcher")
 # String keys with a fixed set of values (the dataclasses keep them as str for NeMo parity).

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from rm_training.config import (CheckpointCallbackParams, ExpManagerConfig, OptimConfig, PretrainedCheckpoint,
-                                TorchProfileConfig)
+from engine.config import (CheckpointCallbackParams, ExpManagerConfig, OptimConfig, PretrainedCheckpoint,
+                           SchedConfig, TorchProfileConfig)
 
 
 @dataclass
@@ -94,7 +94,8 @@ class ActorModelConfig:
     global_batch_size: int = 64
     seed: int = 1234
     ppo: ActorPPOConfig = field(default_factory=ActorPPOConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-7))
+    # gpt_ppo_actor.yaml: lr 9e-7 decaying to 9e-8 (the shared default min_lr, 9e-7, would hold it flat)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-7, sched=SchedConfig(min_lr=9e-8)))
     data: PPODataConfig = field(default_factory=PPODataConfig)
     torch_profile: TorchProfileConfig = field(default_factory=lambda: TorchProfileConfig(start_step=3, end_step=3))
 

@@ -28,19 +28,19 @@ log = logging.getLogger(__name__)
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if device.type == "cuda" and str(precision) in ("bf16", "bf16-mixed"):
-        return torch.bfloat16
-    return torch.float32
+    """engine/precision.py's rule (the one every stage uses): bf16 on CUDA for bf16*, fp32 on the CPU."""
+    from engine.precision import compute_dtype as resolve
+
+    return resolve(precision, device, "model.precision")
 
 
 def model_config(cfg_model) -> ModelConfig:
     """cfg.model (DictConfig or ModelConfig) -> ModelConfig."""
     if isinstance(cfg_model, ModelConfig):
         return dataclasses.replace(cfg_model)
-    from omegaconf import OmegaConf  # only the stage entry needs it (the GPU benchmark box has none)
+    from engine.config import typed  # omegaconf only here: the stage entry (the GPU benchmark box has none)
 
-    obj = OmegaConf.to_object(cfg_model)
-    return obj if isinstance(obj, ModelConfig) else ModelConfig(**obj)
+    return typed(cfg_model, ModelConfig)
 
 
 def load_actor(mcfg: ModelConfig, vocab_size: int, device, dtype, seed: int):

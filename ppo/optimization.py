@@ -9,10 +9,10 @@ import math
 from typing import Callable, Dict, List
 
 import torch
-import torch.distributed as dist
 
-from rm_training import distributed as D
-from rm_training.optim import _get, build_optimizer, build_scheduler
+from engine import distributed as D
+from engine.config import OptimConfig, typed
+from engine.optim import build_optimizer, build_scheduler
 
 from .models import MasterWeights, move_optimizer_state
 from .rollout import RolloutBatch
@@ -32,7 +32,7 @@ class TrainedModel:
         self.local_batch = global_batch_size // self.world
         self.micro_batch_size, self.grad_clip = micro_batch_size, grad_clip
         try:
-            self.sync_bf16 = D.bf16_grad_sync(_get(optim_cfg, "grad_sync_dtype"))
+            self.sync_bf16 = D.bf16_grad_sync(typed(optim_cfg, OptimConfig).grad_sync_dtype)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
 
@@ -74,14 +74,7 @@ class TrainedModel:
 
     def step_optimizer(self) -> float:
         grads = self.weights.grads()
-        if self.world > 1:
-            wire = [g.to(torch.bfloat16) for g in grads] if self.sync_bf16 else grads
-            handles = [dist.all_reduce(w, async_op=True) for w in wire]
-            for h in handles:
-                h.wait()
-            if self.sync_bf16:
-                torch._foreach_copy_(grads, wire)
-            torch._foreach_div_(grads, float(self.world))
+        D.average_gradients(grads, self.sync_bf16)  # engine's one rule, as DDP's bf16 hook
         params = [m for m in self.weights.master if m.grad is not None]
         clip = self.grad_clip if self.grad_clip and self.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())

@@ -16,47 +16,43 @@ import time
 from typing import Dict, Optional
 
 import torch
-from omegaconf import OmegaConf
 
 from data_prep.tokenizers import load_tokenizer
 from modeling import ModelTokenizerConfig, save_nemo
 from modeling.config import engine_switches
-from rm_training import distributed as D
-from rm_training.checkpointing import CheckpointManager, PreemptionHandler, load_state, seed_everything
-from rm_training.profiling import StepProfiler
-from rm_training.resume import digest as config_digest, prepare_checkpoint_dir, stage_identity
-from rm_training.trainer import every
-from rm_training.metrics import MetricsLogger
+from engine import distributed as D
+from engine.checkpointing import CheckpointManager, seed_everything
+from engine.config import tokenizer_source, typed
+from engine.io import fix_mode
+from engine.loop import LoopConfig, TrainingLoop, run_length
+from engine.precision import compute_dtype
+from engine.resume import prepare_checkpoint_dir, stage_identity
 
 from .config import PPOConfig
 from .data import PromptDataset
-from .models import compute_dtype, frozen_copy, mask_padded_vocab, load_actor, load_critic, load_reward, model_config
+from .models import frozen_copy, mask_padded_vocab, load_actor, load_critic, load_reward, model_config
 from .trainer import PPOTrainer
 
 log = logging.getLogger("ppo")
 PLOT_KEYS = ("reward_mean", "kl", "kl_per_token", "kl_coef", "cut_at_max_length", "response_length",
              "entropy", "clip_fraction", "value_loss")
+STEP_KEYS = ("reward_mean", "kl", "kl_coef", "cut_at_max_length", "entropy", "value_loss", "clip_fraction",
+             "response_length", "time_generation", "time_scoring", "time_training")
 TIME_KEYS = ("time_generation", "time_scoring", "time_training", "response_length")
 # what identifies the ppo stage's training state, and the keys a resumed run may change (more steps,
-# other logging): the rule every training stage shares, rm_training/resume.py
+# other logging): the rule every training stage shares, engine/resume.py
 IDENTITY_SECTIONS = ("model", "ppo", "data.tokenizer")
 RESUMABLE = ("ppo.exp_manager", "ppo.trainer.ppo.max_steps", "ppo.trainer.ppo.max_epochs",
              "ppo.trainer.ppo.val_check_interval", "ppo.trainer.ppo.save_interval", "ppo.model.torch_profile")
 
 
 def _ppo_config(cfg) -> PPOConfig:
-    obj = OmegaConf.to_object(cfg.ppo) if OmegaConf.is_config(cfg.ppo) else cfg.ppo
-    return obj if isinstance(obj, PPOConfig) else OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PPOConfig), obj))
+    return typed(cfg.ppo, PPOConfig)
 
 
 def _tokenizer(cfg, tmp: str):
-    t, m = cfg.data.tokenizer, cfg.model.tokenizer
-    for path, lib in ((t.model, t.library), (m.model, m.library)):
-        if path:
-            return load_tokenizer(str(path), lib, extract_dir=tmp)
-    if cfg.model.restore_from_path:
-        return load_tokenizer(str(cfg.model.restore_from_path), "nemo", extract_dir=tmp)
-    raise ValueError("no tokenizer: set data.tokenizer.model (the prep stage's artifact) or model.tokenizer.model")
+    path, library = tokenizer_source(cfg, "ppo")  # engine/config.py: the one precedence
+    return load_tokenizer(path, library, extract_dir=tmp)
 
 
 def _tokenizer_file(tok, tmp: str) -> str:
@@ -101,7 +97,7 @@ def _run(cfg, pcfg, stage_dir, rcfg, loop, device, tmp):
     mcfg = model_config(cfg.model)
     if pcfg.pretrained_checkpoint.restore_from_path:  # NeMo-Aligner's own key for the initial policy
         mcfg.restore_from_path = str(pcfg.pretrained_checkpoint.restore_from_path)
-    dtype = compute_dtype(mcfg.precision, device)
+    dtype = compute_dtype(mcfg.precision, device, "model.precision")
     rm_path = pcfg.reward_model.restore_from_path
     if not rm_path:
         raise ValueError("ppo.reward_model.restore_from_path is not set: run the rm stage first (stage=rm,ppo)")
@@ -128,8 +124,7 @@ def _run(cfg, pcfg, stage_dir, rcfg, loop, device, tmp):
     train = PromptDataset(splits["train"], tok, max_prompt, seed=pcfg.model.seed)
     val = PromptDataset(splits["validation"], tok, max_prompt, shuffle=False)
     n = rcfg.num_rollout_samples
-    max_steps = loop.max_steps if loop.max_steps and loop.max_steps > 0 else \
-        loop.max_epochs * math.ceil(len(train) / n)
+    max_steps = run_length(loop.max_steps, loop.max_epochs, math.ceil(len(train) / n), "ppo.trainer.ppo", log)
     log.info("%d train prompts, %d validation prompts; %d steps of %d rollouts", len(train), len(val), max_steps, n)
     _check_schedules(pcfg, max_steps)
 
@@ -139,55 +134,21 @@ def _run(cfg, pcfg, stage_dir, rcfg, loop, device, tmp):
     ckpt_params = pcfg.exp_manager.checkpoint_callback_params
     ckpt_dir = os.path.join(stage_dir, "checkpoints")
     identity = stage_identity(cfg, IDENTITY_SECTIONS, RESUMABLE)
-    digest = config_digest(identity)
     if D.is_main():  # checkpoints of another config (or force=true) are moved aside, never resumed
         prepare_checkpoint_dir(ckpt_dir, identity, pcfg.exp_manager.resume_if_exists, "ppo")
     D.barrier()
-    resumed = _maybe_resume(trainer, ckpt_dir)
     manager = CheckpointManager(ckpt_dir, monitor=ckpt_params.monitor, mode=ckpt_params.mode,
-                                save_top_k=ckpt_params.save_top_k, filename=ckpt_params.filename) if D.is_main() else None
-    logger = MetricsLogger(stage_dir, resume_step=trainer.step if resumed else None)
+                                save_top_k=ckpt_params.save_top_k, filename=ckpt_params.filename)
     samples_dir = os.path.join(stage_dir, "samples")
-    last_val: Dict[str, float] = {}
-
-    def save(step_metrics):
-        state = dict(trainer.state_dict(), config_digest=digest)
-        if manager is not None:
-            path = manager.save(state, trainer.step, step_metrics)
-            log.info("checkpoint: %s", path)
-        D.barrier()
-
-    if not resumed and loop.val_check_interval > 0:
-        last_val = trainer.validate(samples_dir)
-        logger.log(0, last_val, split="val")
-        log.info("step 0 validation: %s", _fmt(last_val))
-    prof = StepProfiler(pcfg.model.torch_profile, stage_dir, D.rank())
-    with PreemptionHandler() as preempt:
-        while trainer.step < max_steps:
-            prof.before(trainer.step + 1)
-            m = trainer.train_step()
-            step = trainer.step
-            prof.after(step)
-            logger.log(step, m, split="train")
-            log.info("step %d/%d  %s", step, max_steps, _fmt(m, ("reward_mean", "kl", "kl_coef", "cut_at_max_length",
-                                                                 "entropy", "value_loss",
-                                                                 "clip_fraction", "response_length", "time_generation",
-                                                                 "time_scoring", "time_training")))
-            if loop.val_check_interval > 0 and (every(step, loop.val_check_interval) or step == max_steps):
-                last_val = trainer.validate(samples_dir)
-                logger.log(step, last_val, split="val")
-                log.info("step %d validation: %s", step, _fmt(last_val))
-                if D.is_main() and step < max_steps:  # curves on disk while it runs (the end is plotted below)
-                    logger.plot(PLOT_KEYS, title="PPO")
-            stop = D.all_reduce_max(float(preempt.requested or 0)) > 0
-            if stop or step == max_steps or every(step, loop.save_interval):
-                save(dict(m, **last_val))
-            if stop and step < max_steps:
-                logger.close()
-                log.warning("preempted: checkpointed at step %d, exiting with 75 (run again to resume)", step)
-                raise SystemExit(PreemptionHandler.EXIT_CODE)
-    prof.close()
-    logger.flush()
+    task = PPOTask(trainer, samples_dir, max_steps)
+    engine_loop = TrainingLoop(task, LoopConfig(
+        max_steps=max_steps, val_check_interval=loop.val_check_interval, save_interval=loop.save_interval,
+        validate_at_start=True, has_validation=loop.val_check_interval > 0, resume=pcfg.exp_manager.resume_if_exists,
+        monitor=ckpt_params.monitor, torch_profile=pcfg.model.torch_profile, progress_unit="rollouts"),
+        stage_dir=stage_dir, name="ppo", checkpoints=manager, identity=identity, device=device)
+    task.loop = engine_loop
+    engine_loop.run()
+    logger = engine_loop.logger
     # every rank must hold the same policy (same init, averaged gradients): say so in each rank's log
     checksum = sum(float(p.detach().double().sum()) for p in actor.parameters())
     log.info("rank %d actor checksum %.12e", D.rank(), checksum)
@@ -196,6 +157,7 @@ def _run(cfg, pcfg, stage_dir, rcfg, loop, device, tmp):
         nemo_path = os.path.join(stage_dir, f"{pcfg.exp_manager.name}.nemo")
         actor.config.tokenizer = ModelTokenizerConfig(library=tok.library, model=None)
         save_nemo(actor, nemo_path, tokenizer_path=_tokenizer_file(tok, tmp))
+        fix_mode(nemo_path)  # modeling writes through mkstemp (0600): the umask's mode, as every output
         log.info("trained actor: %s", nemo_path)
         artifacts["nemo"] = nemo_path
         artifacts["plot"] = logger.plot(PLOT_KEYS, title="PPO")
@@ -221,18 +183,36 @@ def _check_schedules(pcfg: PPOConfig, max_steps: int) -> None:
                   f"{section.global_batch_size} rollouts", log)
 
 
-def _maybe_resume(trainer: PPOTrainer, ckpt_dir: str) -> bool:
-    """The newest checkpoint of ckpt_dir, which prepare_checkpoint_dir left only when this config wrote it."""
-    latest = CheckpointManager(ckpt_dir).latest()
-    if latest is None:
-        return False
-    state = load_state(latest, map_location="cpu", restore_rng=False)
-    trainer.load_state_dict(state)
-    from rm_training.checkpointing import set_rng_state
+class PPOTask:
+    """PPOTrainer as a task of engine's loop (engine/loop.py): one PPO step per optimizer step of the loop."""
 
-    set_rng_state(state["rng"])
-    log.info("resumed from %s at step %d", latest, trainer.step)
-    return True
+    def __init__(self, trainer: PPOTrainer, samples_dir: str, max_steps: int):
+        self.trainer, self.samples_dir, self.max_steps = trainer, samples_dir, max_steps
+        self.loop: Optional[TrainingLoop] = None
+
+    def train_step(self, step: int) -> Dict[str, float]:
+        m = self.trainer.train_step()  # its own step counter: PPO's data cursor (trainer.step == step + 1 after)
+        log.info("step %d/%d  %s", self.trainer.step, self.max_steps, _fmt(m, STEP_KEYS))
+        return m
+
+    def validate(self, should_stop=None) -> Optional[Dict[str, float]]:
+        """One batch of validation rollouts (not cut once started: a single generation call)."""
+        if should_stop is not None and should_stop():
+            return None
+        return self.trainer.validate(self.samples_dir)
+
+    def on_validated(self, step: int, metrics: Dict[str, float], end: bool) -> None:
+        if D.is_main() and not end:  # curves on disk while it runs (the end is plotted by the stage)
+            self.loop.logger.plot(PLOT_KEYS, title="PPO")
+
+    def progress(self, m: Dict[str, float]):
+        return self.trainer.rcfg.num_rollout_samples, 0, {"reward": m.get("reward_mean", float("nan"))}
+
+    def state_dict(self) -> dict:
+        return self.trainer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer.load_state_dict(state)
 
 
 def _m(model) -> float:

@@ -16,7 +16,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from rm_training import distributed as D
+from engine import distributed as D
+from engine.io import atomic_write
 
 from . import algorithms as A
 from modeling import clear_generation_state
@@ -203,7 +204,7 @@ class PPOTrainer:
         if samples_dir and D.is_main():
             os.makedirs(samples_dir, exist_ok=True)
             path = os.path.join(samples_dir, f"step_{self.step:06d}.jsonl")
-            with open(path, "w", encoding="utf-8") as f:
+            with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
                 for i in range(min(n_samples, len(batch))):
                     p, ln = int(batch.prompt_lengths[i]), int(batch.lengths[i])
                     toks = batch.tokens[i].tolist()

@@ -1,7 +1,7 @@
 """Reward-model training stage: Bradley-Terry on comparison pairs (NeMo-Aligner's training_rm.yaml).
 
-`run(cfg)` is the stage entry the launcher calls. The generic pieces (optim, checkpointing,
-metrics, distributed, progress) are shared with the ppo stage.
+`run(cfg)` is the stage entry the launcher calls. It trains on engine/'s loop (engine/loop.py); what
+it shares with other stages (optim, checkpointing, metrics, distributed, progress) lives there.
 """
 
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
+# what every training stage shares (the optimizer, checkpoints, profiling): engine/config.py
+from engine.config import (CheckpointCallbackParams, ExpManagerConfig, OptimConfig, PretrainedCheckpoint,  # noqa: F401
+                           SchedConfig, TorchProfileConfig)
+
 
 @dataclass
 class RMLoopConfig:
@@ -29,52 +33,6 @@ class RMTrainerConfig:
     accelerator: str = "auto"  # auto | gpu | cpu
     precision: str = "bf16"
     rm: RMLoopConfig = field(default_factory=RMLoopConfig)
-
-
-@dataclass
-class CheckpointCallbackParams:
-    monitor: str = "val_loss"
-    save_top_k: int = 3
-    mode: str = "min"
-    always_save_nemo: bool = True
-    save_nemo_on_train_end: bool = True
-    filename: str = "megatron_gpt--{val_loss:.3f}-{step}"
-    save_last: bool = True
-
-
-@dataclass
-class ExpManagerConfig:
-    explicit_log_dir: Optional[str] = None  # null = the stage folder in the run directory
-    name: str = "megatron_gpt"
-    resume_if_exists: bool = True
-    create_checkpoint_callback: bool = True
-    checkpoint_callback_params: CheckpointCallbackParams = field(default_factory=CheckpointCallbackParams)
-
-
-# optim.sched.name values the scheduler knows (null = constant); the launcher checks them
-from engine.schedule import COSINE_SCHEDULE, CONSTANT_SCHEDULES, SCHEDULE_NAMES  # noqa: E402,F401
-
-
-@dataclass
-class SchedConfig:
-    name: str = "CosineAnnealing"
-    warmup_steps: int = 10
-    constant_steps: int = 1000  # NeMo: min_lr held for this many steps at the END of the schedule
-    min_lr: float = 9e-7
-    # the launcher refuses a schedule that would sit at min_lr for most of the run (engine/schedule.py);
-    # true = run it as it is
-    allow_min_lr_hold: bool = False
-
-
-@dataclass
-class OptimConfig:
-    name: str = "adamw"
-    lr: float = 9e-6
-    weight_decay: float = 0.1
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
-    # data-parallel gradient all-reduce dtype (NeMo's distributed_fused_adam key): null = fp32 | bf16
-    grad_sync_dtype: Optional[str] = None
-    sched: SchedConfig = field(default_factory=SchedConfig)
 
 
 @dataclass
@@ -102,16 +60,6 @@ class RMDataConfig:
 
 
 @dataclass
-class TorchProfileConfig:
-    """torch.profiler trace of optimizer steps start_step..end_step (1-based) on the listed ranks,
-    written to <stage>/profile/ (rm_training/profiling.py)."""
-    enabled: bool = False
-    start_step: int = 10
-    end_step: int = 12
-    ranks: List[int] = field(default_factory=lambda: [0])
-
-
-@dataclass
 class RMModelConfig:
     micro_batch_size: int = 2
     global_batch_size: int = 64
@@ -124,11 +72,6 @@ class RMModelConfig:
     # NeMo's key: shard parameters, gradients and optimizer state over the data-parallel ranks (torch
     # FSDP2) instead of replicating them (DDP); for models whose training state does not fit one GPU
     fsdp: bool = False
-
-
-@dataclass
-class PretrainedCheckpoint:
-    restore_from_path: Optional[str] = None
 
 
 @dataclass

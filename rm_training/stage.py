@@ -3,53 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Optional
 
 import torch
 
-from . import distributed as D
-from .checkpointing import seed_everything
+from engine import distributed as D
+from engine.checkpointing import seed_everything
+from engine.config import select as _select, tokenizer_source, typed as _typed
+from engine.io import fix_mode, write_json
+from engine.precision import compute_dtype
+from engine.resume import prepare_checkpoint_dir, stage_identity
+
 from .config import RMConfig
 from .data import PairDataset
-from .metrics import MetricsLogger
-from .resume import prepare_checkpoint_dir, stage_identity
 from .trainer import LoopSettings, RMTrainer
 
 log = logging.getLogger(__name__)
-# what identifies the rm stage's training state, and the keys a resumed run may change (rm_training/resume.py)
+# what identifies the rm stage's training state, and the keys a resumed run may change (engine/resume.py)
 IDENTITY_SECTIONS = ("model", "rm", "data.tokenizer")
 RESUMABLE = ("rm.exp_manager", "rm.trainer.rm.max_steps", "rm.trainer.rm.max_epochs", "rm.trainer.rm.val_check_interval",
              "rm.trainer.rm.save_interval", "rm.trainer.rm.log_every_n_steps", "rm.trainer.rm.limit_val_batches",
              "rm.model.torch_profile")
-
-
-def _typed(section, schema):
-    from omegaconf import OmegaConf
-
-    if isinstance(section, schema):
-        return section
-    if OmegaConf.is_config(section):  # resolve against the whole config first (${cluster.nodes} ...)
-        section = OmegaConf.to_container(section, resolve=True)
-    if isinstance(section, dict):
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(section)))
-    raise TypeError(f"expected {schema.__name__} or a DictConfig, got {type(section).__name__}")
-
-
-def _select(cfg, key: str, default=None):
-    from omegaconf import OmegaConf
-
-    if OmegaConf.is_config(cfg):
-        v = OmegaConf.select(cfg, key, default=default)
-        return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-    cur = cfg
-    for part in key.split("."):
-        cur = cur.get(part) if isinstance(cur, dict) else getattr(cur, part, None)
-        if cur is None:
-            return default
-    return cur
 
 
 def load_rm_tokenizer(cfg, stage_dir: str):
@@ -57,14 +33,8 @@ def load_rm_tokenizer(cfg, stage_dir: str):
     model's own (`model.tokenizer` / the checkpoint). Returns (tokenizer, file to embed in the .nemo)."""
     from data_prep.tokenizers import load_tokenizer
 
-    path = _select(cfg, "data.tokenizer.model")
-    library = _select(cfg, "data.tokenizer.library")
-    if not path:
-        path = _select(cfg, "model.tokenizer.model") or _select(cfg, "model.restore_from_path")
-        library = _select(cfg, "model.tokenizer.library")
-    if not path:
-        raise ValueError("rm needs a tokenizer: run the prep stage (it records one), or set data.tokenizer.model")
-    tok = load_tokenizer(str(path), library, extract_dir=os.path.join(stage_dir, "tokenizer"))
+    path, library = tokenizer_source(cfg, "rm")
+    tok = load_tokenizer(path, library, extract_dir=os.path.join(stage_dir, "tokenizer"))
     tok_file = tok.path
     if tok.library == "huggingface" and not str(tok_file).endswith(".json"):
         os.makedirs(os.path.join(stage_dir, "tokenizer"), exist_ok=True)
@@ -93,12 +63,8 @@ def build_reward_model(model_cfg, vocab_size: int, seed: int):
 
 def _settings(rm: RMConfig, device: torch.device) -> LoopSettings:
     loop, m, ckpt = rm.trainer.rm, rm.model, rm.exp_manager.checkpoint_callback_params
-    prec = str(rm.trainer.precision).lower()
-    amp = None
-    if device.type == "cuda" and prec in ("bf16", "bf16-mixed"):
-        amp = torch.bfloat16
-    elif device.type == "cuda" and prec in ("16", "16-mixed", "fp16"):
-        raise ValueError("trainer.precision=16 is not supported (no loss scaling); use bf16 or 32")
+    dtype = compute_dtype(rm.trainer.precision, device, "rm.trainer.precision")  # engine/precision.py
+    amp = dtype if dtype != torch.float32 else None
     return LoopSettings(
         global_batch_size=m.global_batch_size, micro_batch_size=m.micro_batch_size, seed=m.seed,
         max_epochs=loop.max_epochs, max_steps=loop.max_steps, val_check_interval=loop.val_check_interval,
@@ -116,18 +82,24 @@ def _check_schedule(rm: RMConfig, pairs: int) -> None:
     """The launcher's schedule rule again, with the real pair count (hub data, or a stage run by hand)."""
     from engine.schedule import check_run
 
+    from engine.loop import run_length
+
     m, t = rm.model, rm.trainer.rm
-    lengths = [x for x in (t.max_epochs * (pairs // m.global_batch_size) if t.max_epochs and t.max_epochs > 0 else None,
-                           t.max_steps if t.max_steps and t.max_steps > 0 else None) if x is not None]
-    if lengths and min(lengths) > 0:
-        check_run("rm.model.optim", m.optim, min(lengths), f"{pairs} pairs / global_batch_size {m.global_batch_size} "
-                  f"x max_epochs {t.max_epochs}, max_steps {t.max_steps}", log)
+    per_epoch = pairs // m.global_batch_size
+    if per_epoch > 0:
+        check_run("rm.model.optim", m.optim, run_length(t.max_steps, t.max_epochs, per_epoch, "rm.trainer.rm"),
+                  f"{pairs} pairs / global_batch_size {m.global_batch_size} x max_epochs {t.max_epochs}, "
+                  f"max_steps {t.max_steps}", log)
 
 
 def run(cfg) -> dict:
     rm: RMConfig = _typed(cfg.rm, RMConfig)
     from modeling.config import ModelConfig, ModelTokenizerConfig
-    from modeling import save_nemo
+    from modeling import save_nemo as _save_nemo
+
+    def save_nemo(module, path, **kw):  # modeling writes through mkstemp (0600): give it the umask's mode
+        _save_nemo(module, path, **kw)
+        fix_mode(path)
 
     model_cfg: ModelConfig = _typed(cfg.model, ModelConfig)
     stage_dir = os.path.abspath(rm.exp_manager.explicit_log_dir or _select(cfg, "run.stage_dir") or "results/rm")
@@ -167,13 +139,13 @@ def run(cfg) -> dict:
         if os.path.exists(nemo_for(path)):
             os.remove(nemo_for(path))
 
+    identity = stage_identity(cfg, IDENTITY_SECTIONS, RESUMABLE)
     if D.is_main():  # checkpoints of another config (or force=true) are moved aside, never resumed
-        prepare_checkpoint_dir(os.path.join(stage_dir, "checkpoints"), stage_identity(cfg, IDENTITY_SECTIONS, RESUMABLE),
-                               rm.exp_manager.resume_if_exists, "rm")
+        prepare_checkpoint_dir(os.path.join(stage_dir, "checkpoints"), identity, rm.exp_manager.resume_if_exists, "rm")
     D.barrier()
     settings = _settings(rm, device)
     trainer = RMTrainer(model, rm.model.optim, settings, train, val, pad_id, stage_dir, device,
-                        on_checkpoint=on_checkpoint, on_remove=on_remove)
+                        on_checkpoint=on_checkpoint, on_remove=on_remove, identity=identity)
     _write_data_report(stage_dir, {"train": train, "validation": val, "test": test}, trainer)
     trainer.fit()
 
@@ -184,7 +156,7 @@ def run(cfg) -> dict:
         log.info("test: loss %.4f accuracy %.4f (%d pairs)", t["loss"], t["accuracy"], t["pairs"])
         if D.is_main():
             path = os.path.join(stage_dir, "test_metrics.json")
-            _write_json(path, dict(t, step=trainer.step))
+            write_json(path, dict(t, step=trainer.step))
             result["test_metrics"] = path
     final = os.path.join(stage_dir, "checkpoints", f"{rm.exp_manager.name}.nemo")
     export = trainer.export_module()  # collective under FSDP (gathers the weights to rank 0)
@@ -206,13 +178,6 @@ def run(cfg) -> dict:
     return D.broadcast_object(result)
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def _write_data_report(stage_dir: str, splits: dict, trainer: RMTrainer) -> None:
     if not D.is_main():
         return
@@ -222,4 +187,4 @@ def _write_data_report(stage_dir: str, splits: dict, trainer: RMTrainer) -> None
                           "micro_batch_size": trainer.s.micro_batch_size, "data_parallel": trainer.dp,
                           "length_grouping_window": trainer.s.length_grouping_window,
                           "overlong": trainer.train_ds.overlong, "seq_length": trainer.train_ds.seq_length}
-    _write_json(os.path.join(stage_dir, "data_report.json"), report)
+    write_json(os.path.join(stage_dir, "data_report.json"), report)

@@ -1,5 +1,6 @@
-"""The reward-model training loop: gradient accumulation over length-aware micro-batches, DDP,
-validation, checkpoints (periodic, top-k, on preemption) and exact resume.
+"""The reward-model task on engine's training loop (engine/loop.py): gradient accumulation over
+length-aware micro-batches, DDP or FSDP, validation; the loop adds checkpoints (periodic, top-k, on
+preemption), exact resume, profiling and metrics.
 
 A step's global batch is fixed by (seed, epoch, batch-in-epoch), so the data position of a
 checkpoint is its step; the loss of each micro-batch is sum(pair losses) * dp / global_batch_size,
@@ -21,23 +22,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import distributed as D
-from .checkpointing import CheckpointManager, PreemptionHandler, load_state, set_rng_state
+from engine import distributed as D
+from engine.checkpointing import CheckpointManager
+from engine.config import OptimConfig, typed
+from engine.loop import LoopConfig, TrainingLoop, run_length
+from engine.optim import build_optimizer, build_scheduler
+
 from .data import (PackedBatch, PairDataset, collate, collate_packed, global_batches, micro_batches, pack_pairs,
                    packed_micro_batches)
 from .loss import PairStats, bradley_terry_loss, pair_sums, split_rewards
-from .metrics import MetricsLogger
-from .optim import _get, build_optimizer, build_scheduler
-from .profiling import StepProfiler
-from .progress import Progress
 
 log = logging.getLogger(__name__)
-
-
-def every(step: int, interval: int) -> bool:
-    """True every `interval` steps; never for 0 (the caller adds the end of training). The rm and
-    ppo loops' val_check_interval and save_interval."""
-    return interval > 0 and step % interval == 0
 
 
 @dataclass
@@ -68,15 +63,20 @@ class LoopSettings:
     mode: str = "min"
     save_top_k: int = 3
     filename: str = "megatron_gpt--{val_loss:.3f}-{step}"
-    torch_profile: Any = None  # {enabled, start_step, end_step, ranks}: see rm_training/profiling.py
+    torch_profile: Any = None  # {enabled, start_step, end_step, ranks}: see engine/profiling.py
     fsdp: bool = False  # shard parameters, gradients and optimizer state over the ranks (FSDP2) instead of DDP
 
 
 class RMTrainer:
+    """The reward-model task (engine/loop.py's protocol: train_step, validate, state_dict,
+    load_state_dict) and `fit()`, which runs it on the engine's loop."""
+
     def __init__(self, model: torch.nn.Module, optim_cfg, settings: LoopSettings, train: PairDataset,
                  val: Optional[PairDataset], pad_id: int, stage_dir: str, device: torch.device,
                  on_checkpoint: Optional[Callable[[str, bool], None]] = None,
-                 on_remove: Optional[Callable[[str], None]] = None):
+                 on_remove: Optional[Callable[[str], None]] = None, identity: Optional[dict] = None):
+        optim_cfg = typed(optim_cfg, OptimConfig)
+        self.identity = identity
         self.s, self.train_ds, self.val_ds, self.pad_id = settings, train, val, pad_id
         self.device, self.stage_dir = device, stage_dir
         self.dp, self.rank = D.world_size(), D.rank()
@@ -86,20 +86,16 @@ class RMTrainer:
         self.steps_per_epoch = len(train) // gbs
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(train)} training pairs do not fill one global batch of {gbs}")
-        by_epochs = settings.max_epochs * self.steps_per_epoch if settings.max_epochs and settings.max_epochs > 0 else None
-        by_steps = settings.max_steps if settings.max_steps and settings.max_steps > 0 else None
-        if by_epochs is None and by_steps is None:
-            raise ValueError("set trainer.rm.max_epochs or trainer.rm.max_steps")
-        self.max_steps = min(x for x in (by_epochs, by_steps) if x is not None)
+        self.max_steps = run_length(settings.max_steps, settings.max_epochs, self.steps_per_epoch, "rm.trainer.rm", log)
         self.module = model.to(device)
         self.fsdp = bool(settings.fsdp) and self.dp > 1
         if self.fsdp:
             # an empty (meta) copy to rebuild a plain module from gathered weights (.nemo export)
             self._shell = copy.deepcopy(model).to("meta")
-            self.model = D.shard_fsdp(self.module, grad_sync_dtype=_get(optim_cfg, "grad_sync_dtype"))  # in place
+            self.model = D.shard_fsdp(self.module, grad_sync_dtype=optim_cfg.grad_sync_dtype)  # in place
             log.info("FSDP: parameters, gradients and optimizer state sharded over %d ranks", self.dp)
         else:
-            self.model = D.wrap_ddp(self.module, device, grad_sync_dtype=_get(optim_cfg, "grad_sync_dtype"))
+            self.model = D.wrap_ddp(self.module, device, grad_sync_dtype=optim_cfg.grad_sync_dtype)
         self.exportable = self.module  # what .nemo exports read (a gathered copy under FSDP)
         self.optimizer = build_optimizer(self.module, optim_cfg)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, self.max_steps)
@@ -109,8 +105,7 @@ class RMTrainer:
         self.step = 0
         self.last_val: Dict[str, float] = {}
         self._plan_epoch, self._plan = -1, []
-        self.logger: Optional[MetricsLogger] = None
-        self.preempt = PreemptionHandler()
+        self.logger = None  # the loop's MetricsLogger, after fit()
 
     # --- data -----------------------------------------------------------------------------------
     def global_batch(self, step: int) -> np.ndarray:
@@ -193,6 +188,7 @@ class RMTrainer:
                  epoch=step // self.steps_per_epoch, consumed_samples=(step + 1) * s.global_batch_size)
         if self.device.type == "cuda":
             m["peak_mem_gib"] = D.peak_memory_gib(self.device)
+        self.step = step + 1
         return m
 
     # --- evaluation ---------------------------------------------------------------------------
@@ -215,8 +211,10 @@ class RMTrainer:
         return list(parts) + [filler] * (n_all - len(parts))
 
     @torch.no_grad()
-    def evaluate(self, ds: PairDataset, limit=1.0) -> Dict[str, float]:
-        """Metrics over the (limited) split; every rank takes its share of length-sorted micro-batches."""
+    def evaluate(self, ds: PairDataset, limit=1.0, should_stop: Optional[Callable[[], bool]] = None
+                 ) -> Optional[Dict[str, float]]:
+        """Metrics over the (limited) split; every rank takes its share of length-sorted micro-batches.
+        `should_stop` (a collective) is polled before each micro-batch: None when it says stop."""
         self.model.eval()
         idx = self.eval_subset(ds, limit)
         idx = idx[np.argsort(ds.lengths[idx], kind="stable")]
@@ -230,7 +228,15 @@ class RMTrainer:
                               micro_batches(block, ds.lengths, len(block), 1, 0, self.s.max_micro_batch_tokens))]
         n_real = len(parts)
         parts = self._same_pass_count(parts, parts[-1] if parts else idx[:1])  # the repeats are not counted
-        for i, part in enumerate(parts):
+        if should_stop is not None:  # every rank polls as often: the longest share's count
+            n_polls = int(D.all_reduce_max(float(len(parts)), self.device)) if self.dp > 1 else len(parts)
+        for i in range(n_polls if should_stop is not None else len(parts)):
+            if should_stop is not None and should_stop():
+                log.warning("validation cut short by a signal (%d of %d micro-batches done)", i, len(parts))
+                return None
+            if i >= len(parts):
+                continue
+            part = parts[i]
             batch = self._collate(ds, part)
             with self._autocast():
                 rewards = self._rewards(self.module, batch)
@@ -242,19 +248,43 @@ class RMTrainer:
             dist.all_reduce(vec)
         return PairStats.metrics(vec.tolist())
 
-    # --- checkpoints --------------------------------------------------------------------------
-    def state(self, gather_rng: bool = True) -> dict:
-        from .checkpointing import rng_state
+    # --- the task protocol (engine/loop.py) ---------------------------------------------------
+    def validate(self, should_stop: Optional[Callable[[], bool]] = None) -> Optional[Dict[str, float]]:
+        if self.val_ds is None or not len(self.val_ds):
+            return {}
+        return self.evaluate(self.val_ds, self.s.limit_val_batches, should_stop)
 
-        rngs = [rng_state()]
-        if gather_rng and self.dp > 1:
-            rngs = [None] * self.dp
-            dist.all_gather_object(rngs, rng_state())
+    def progress(self, m: Dict[str, float]):
+        return m["pairs"], m["tokens"], {"loss": m["loss"], "acc": m["accuracy"]}
+
+    def on_validated(self, step: int, v: Dict[str, float], end: bool) -> None:
+        if D.is_main() and not end:  # curves on disk while it runs (the stage plots the end)
+            self.loop.logger.plot(["loss", "accuracy"], title="reward model")
+
+    def on_saved(self, path: str, is_best: bool) -> None:
+        if self.on_checkpoint:
+            self.on_checkpoint(path, is_best)
+
+    def state_dict(self) -> dict:
+        """Model, optimizer and scheduler; under FSDP gathered in full on the CPU (a collective)."""
         model_sd, optim_sd = self._state_dicts()
-        return {"model": model_sd, "optimizer": optim_sd,
-                "scheduler": self.scheduler.state_dict(), "step": self.step,
-                "consumed_samples": self.step * self.s.global_batch_size, "last_val": dict(self.last_val),
-                "rng_per_rank": rngs, "world_size": self.dp}
+        if self.fsdp:
+            self.exportable = self.export_module(model_sd)
+        return {"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
+                "consumed_samples": self.step * self.s.global_batch_size}
+
+    def load_state_dict(self, st: dict) -> None:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.module, st["model"], options=opts)
+            set_optimizer_state_dict(self.module, self.optimizer, st["optimizer"], options=opts)
+        else:
+            self.module.load_state_dict(st["model"])
+            self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.step = int(st["step"])
 
     def _state_dicts(self):
         """Model and optimizer state; under FSDP gathered in full (a collective: every rank calls it)
@@ -282,95 +312,21 @@ class RMTrainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def save_checkpoint(self, gather_rng: bool = True) -> Optional[str]:
-        st = self.state(gather_rng)
-        path = None
-        if self.fsdp:
-            self.exportable = self.export_module(st["model"])
-        if D.is_main():
-            metrics = {k: v for k, v in self.last_val.items()}
-            is_best = self.ckpt.is_best(metrics.get(self.s.monitor))
-            path = self.ckpt.save(st, self.step, metrics)
-            log.info("checkpoint saved: %s", path)
-            if self.on_checkpoint:
-                self.on_checkpoint(path, is_best)
-        if gather_rng:
-            D.barrier()
-        return path
-
-    def maybe_resume(self) -> bool:
-        path = D.broadcast_object(self.ckpt.latest() if D.is_main() else None)
-        if not (self.s.resume and path):
-            return False
-        st = load_state(path, map_location="cpu", restore_rng=False)
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
-            opts = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.module, st["model"], options=opts)
-            set_optimizer_state_dict(self.module, self.optimizer, st["optimizer"], options=opts)
-        else:
-            self.module.load_state_dict(st["model"])
-            self.optimizer.load_state_dict(st["optimizer"])
-        self.scheduler.load_state_dict(st["scheduler"])
-        self.step, self.last_val = int(st["step"]), dict(st.get("last_val", {}))
-        rngs = st.get("rng_per_rank") or [st.get("rng")]
-        set_rng_state(rngs[self.rank] if len(rngs) == self.dp else rngs[0])
-        log.info("resumed from %s at step %d (%d pairs consumed)", path, self.step, st["consumed_samples"])
-        return True
-
     # --- the loop -----------------------------------------------------------------------------
     def fit(self) -> Dict[str, float]:
+        """Train to max_steps on engine's loop (resuming the newest checkpoint of this config)."""
         s = self.s
-        resumed = self.maybe_resume()
-        self.logger = MetricsLogger(self.stage_dir, resume_step=self.step if resumed else None)
-        bar = Progress(self.max_steps, initial=self.step, desc="rm", log_every=max(1, s.log_every_n_steps * 10))
+        loop = TrainingLoop(self, LoopConfig(
+            max_steps=self.max_steps, val_check_interval=s.val_check_interval, save_interval=s.save_interval,
+            log_every_n_steps=s.log_every_n_steps, has_validation=self.val_ds is not None and len(self.val_ds) > 0,
+            resume=s.resume, monitor=s.monitor, torch_profile=s.torch_profile, progress_unit="pairs",
+            progress_every=max(1, s.log_every_n_steps * 10)), stage_dir=self.stage_dir, name="rm",
+            checkpoints=self.ckpt, identity=self.identity, device=self.device)
+        self.loop = loop
         log.info("training %d steps (%d per epoch, global batch %d pairs, micro batch %d, %d process(es)); %d train pairs",
                  self.max_steps, self.steps_per_epoch, s.global_batch_size, s.micro_batch_size, self.dp, len(self.train_ds))
-        saved_at = self.step if resumed else -1
-        prof = StepProfiler(s.torch_profile, self.stage_dir, self.rank)
         try:
-            with self.preempt:
-                while self.step < self.max_steps:
-                    prof.before(self.step + 1)
-                    m = self.train_step(self.step)
-                    self.step += 1
-                    prof.after(self.step)
-                    if self.step % s.log_every_n_steps == 0 or self.step == self.max_steps:
-                        self.logger.log(self.step, m, "train")
-                    bar.update(m["pairs"], m["tokens"], loss=m["loss"], acc=m["accuracy"])
-                    end = self.step == self.max_steps
-                    if self.val_ds is not None and len(self.val_ds) and (every(self.step, s.val_check_interval) or end):
-                        v = self.evaluate(self.val_ds, s.limit_val_batches)
-                        self.last_val = {"val_loss": v["loss"], "val_accuracy": v["accuracy"]}
-                        self.logger.log(self.step, v, "val")
-                        log.info("step %d validation: loss %.4f accuracy %.4f margin %.3f", self.step, v["loss"],
-                                 v["accuracy"], v["margin"])
-                        if D.is_main() and not end:  # curves on disk while it runs (the stage plots the end)
-                            self.logger.plot(["loss", "accuracy"], title="reward model")
-                    if every(self.step, s.save_interval) or end:
-                        self.save_checkpoint()
-                        saved_at = self.step
-                    stop = D.all_reduce_max(self.preempt.requested or 0, self.device)
-                    if stop:
-                        if saved_at != self.step:
-                            self.save_checkpoint()
-                        log.warning("preempted (signal %d): checkpointed at step %d, exiting with %d",
-                                    int(stop), self.step, PreemptionHandler.EXIT_CODE)
-                        self._close(bar)
-                        raise SystemExit(PreemptionHandler.EXIT_CODE)
-        except KeyboardInterrupt:
-            if saved_at != self.step and self.step > 0:
-                log.warning("interrupted: checkpointing step %d", self.step)
-                with contextlib.suppress(Exception):
-                    self.save_checkpoint(gather_rng=False)
-            self._close(bar)
-            raise
-        prof.close()
-        self._close(bar)
+            self.last_val = loop.run()
+        finally:
+            self.step, self.logger = loop.step, loop.logger
         return self.last_val
-
-    def _close(self, bar: Progress) -> None:
-        bar.close()
-        if self.logger is not None:
-            self.logger.flush()

@@ -55,7 +55,7 @@ def test_rm_two_processes_per_rank_share_and_token_cap_match_one(tmp_path):
 
 
 def test_grad_sync_dtype_is_checked():
-    from rm_training.distributed import wrap_ddp
+    from engine.distributed import wrap_ddp
     import torch
 
     with pytest.raises(ValueError, match="grad_sync_dtype='fp16'"):

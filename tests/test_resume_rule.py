@@ -1,4 +1,4 @@
-"""The one resume rule of the training stages (rm_training/resume.py): checkpoints are resumed only
+"""The one resume rule of the training stages (engine/resume.py): checkpoints are resumed only
 when the same config wrote them; otherwise they are moved aside, saying which keys changed.
 The stages themselves are exercised in test_rm_training.py and test_ppo_stage.py."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from rm_training.resume import IDENTITY, prepare_checkpoint_dir, stage_identity
+from engine.resume import IDENTITY, prepare_checkpoint_dir, stage_identity
 from tests.kit import compose_cfg
 
 SECTIONS, RESUMABLE = ("model", "rm", "data.tokenizer"), ("rm.exp_manager", "rm.trainer.rm.max_steps")

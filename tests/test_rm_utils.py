@@ -1,4 +1,4 @@
-"""Unit tests of the generic training utilities in rm_training (optim, checkpointing, metrics,
+"""Unit tests of the generic training utilities in engine/ (optim, checkpointing, metrics,
 distributed, progress) that the rm and ppo stages share."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from rm_training import checkpointing, distributed, metrics, optim
+from engine import checkpointing, distributed, metrics, optim
 
 
 def _nemo_lr(step, base, warmup, constant, max_steps, min_lr):

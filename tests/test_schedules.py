@@ -10,7 +10,7 @@ import torch
 
 from engine.schedule import shape, trap
 from launcher.schedules import idx_sequences
-from rm_training.optim import build_scheduler
+from engine.optim import build_scheduler
 from tests.kit import cli
 
 NEMO_RM = {"name": "adamw", "lr": 9e-6,

@@ -1,4 +1,4 @@
-"""Metrics to disk (generic: rm and ppo use it): JSONL rows, TensorBoard event files and a PNG plot.
+"""Metrics to disk (every training stage uses it): JSONL rows, TensorBoard event files and a PNG plot.
 
     logger = MetricsLogger(stage_dir)                 # rank 0 writes; other ranks get a no-op logger
     logger.log(step, {"loss": 0.69, "accuracy": 0.5}, split="train")
@@ -19,6 +19,7 @@ import time
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from . import distributed
+from .io import atomic_write, write_lines
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,7 @@ class MetricsLogger:
         if not os.path.exists(self.path):
             return
         keep = [r for r in self.rows() if r.get("step", 0) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in keep:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, self.path)
+        write_lines(self.path, (json.dumps(r) for r in keep))
 
     def log(self, step: int, values: Dict[str, float], split: str = "train") -> None:
         if not self.enabled:
@@ -108,10 +105,9 @@ class MetricsLogger:
         if title:
             fig.suptitle(title)
         fig.tight_layout()
-        tmp = path + ".tmp.png"
-        fig.savefig(tmp, dpi=100)
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, dpi=100)
         plt.close(fig)
-        os.replace(tmp, path)
         return path
 
     def flush(self) -> None:

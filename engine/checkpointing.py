@@ -1,12 +1,14 @@
-"""Training-state checkpoints (generic: rm and ppo use them).
+"""Training-state checkpoints, for every training stage.
 
-A checkpoint is one `torch.save`d dict written atomically (tmp file + rename): whatever the trainer
-puts in it (model, optimizer, scheduler, step, consumed samples / data position) plus the RNG
-states of python, numpy, torch and CUDA, so a resumed run continues exactly.
+A checkpoint is one `torch.save`d dict written atomically (engine/io.py): whatever the task puts in
+it (model, optimizer, scheduler, step, data position) plus the RNG states of python, numpy, torch
+and CUDA, so a resumed run continues exactly. It holds only tensors and plain values, and is read
+back with `torch.load(weights_only=True)`: a file that needs anything else to unpickle (a crafted
+.pt runs code that way) is refused, never executed.
 
 `CheckpointManager` keeps the newest checkpoint ("last") plus the `save_top_k` best by a monitored
-metric, records them in `index.json` and finds the one to resume from. `PreemptionHandler` turns
-SIGUSR1 / SIGTERM into a flag the training loop polls between steps.
+metric (-1: every checkpoint, NeMo's meaning), records them in `index.json` and finds the one to
+resume from.
 """
 from __future__ import annotations
 
@@ -16,12 +18,13 @@ import math
 import os
 import random
 import re
-import signal
-import threading
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
+
+from .io import atomic_write, write_json
+from .preemption import PREEMPTED_EXIT, PreemptionHandler  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 INDEX = "index.json"
@@ -30,15 +33,23 @@ INDEX = "index.json"
 # --- RNG --------------------------------------------------------------------------------------
 
 def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Plain values and tensors only (numpy's state as a dict, its key a list of ints), so a
+    checkpoint loads with weights_only=True."""
+    np_state = np.random.get_state(legacy=False)
+    np_state = dict(np_state, state=dict(np_state["state"], key=np_state["state"]["key"].tolist()))
+    state = {"python": random.getstate(), "numpy": np_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    nps = state["numpy"]
+    if isinstance(nps, dict):
+        nps = dict(nps, state=dict(nps["state"], key=np.asarray(nps["state"]["key"], dtype=np.uint32)))
+    np.random.set_state(nps)
     torch.set_rng_state(state["torch"].cpu() if hasattr(state["torch"], "cpu") else state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"]
@@ -60,20 +71,36 @@ def save_state(path: str, state: Dict[str, Any], with_rng: bool = True) -> str:
     """torch.save `state` (+ "rng") to `path` atomically; returns the path."""
     if with_rng:
         state = dict(state, rng=rng_state())
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with atomic_write(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that holds more than tensors and plain values: loading it could run code."""
+
+
+def _safe_globals() -> list:
+    """What an older kit's checkpoints hold besides tensors: numpy's RNG state (an array)."""
+    out = [np.ndarray, np.dtype]
+    multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
+    out.append(multiarray._reconstruct)
+    out.extend({type(np.dtype(np.uint32))})
+    return out
 
 
 def load_state(path: str, map_location="cpu", restore_rng: bool = True) -> Dict[str, Any]:
     """The dict `save_state` wrote; restores the RNG states it holds unless told not to."""
-    state = torch.load(path, map_location=map_location, weights_only=False)
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{path}: refusing to load this checkpoint: it holds objects other than tensors and plain values, "
+            f"which could run code when unpickled ({str(e).splitlines()[0]}). Move it out of {os.path.dirname(path)} "
+            "(or set exp_manager.resume_if_exists=false) to train from the start") from None
     if restore_rng and "rng" in state:
         set_rng_state(state["rng"])
     return state
@@ -117,11 +144,8 @@ class CheckpointManager:
         return [e for e in entries if os.path.exists(os.path.join(self.dir, e["path"]))]
 
     def _write_index(self) -> None:
-        os.makedirs(self.dir, exist_ok=True)
-        tmp = os.path.join(self.dir, INDEX + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"monitor": self.monitor, "mode": self.mode, "checkpoints": self.entries}, f, indent=1)
-        os.replace(tmp, os.path.join(self.dir, INDEX))
+        write_json(os.path.join(self.dir, INDEX),
+                   {"monitor": self.monitor, "mode": self.mode, "checkpoints": self.entries}, indent=1)
 
     def path(self, entry: Dict[str, Any]) -> str:
         return os.path.join(self.dir, entry["path"])
@@ -156,8 +180,10 @@ class CheckpointManager:
 
     def keep_set(self) -> set:
         newest = max(self.entries, key=lambda e: e["step"]) if self.entries else None
+        if self.k < 0:  # NeMo/PTL: save_top_k=-1 keeps every checkpoint, ranked or not
+            return {e["path"] for e in self.entries}
         ranked = sorted((e for e in self.entries if self._score(e) != math.inf), key=self._score)
-        keep = {e["path"] for e in (ranked if self.k < 0 else ranked[: self.k])}
+        keep = {e["path"] for e in ranked[: self.k]}
         if newest:
             keep.add(newest["path"])
         return keep
@@ -177,37 +203,3 @@ class CheckpointManager:
         if not self.entries:
             return None
         return self.path(max(self.entries, key=lambda e: e["step"]))
-
-
-# --- preemption -------------------------------------------------------------------------------
-
-class PreemptionHandler:
-    """Context manager: while active, SIGUSR1 and SIGTERM set `.requested` (the signal number)
-    instead of killing the process; the loop checks it between steps, checkpoints and exits
-    (`raise SystemExit(75)`, EX_TEMPFAIL: "checkpointed, run me again"). Previous handlers come
-    back on exit. Outside the main thread (signals cannot be caught there) it does nothing."""
-
-    SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None), signal.SIGTERM) if s is not None)
-    EXIT_CODE = 75
-
-    def __init__(self, signals=None):
-        self.signals = tuple(signals) if signals is not None else self.SIGNALS
-        self.requested: Optional[int] = None
-        self._previous: Dict[int, Any] = {}
-
-    def _handle(self, signum, frame):
-        if self.requested is None:
-            log.warning("received signal %d: will checkpoint after the current step and exit", signum)
-        self.requested = signum
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in self.signals:
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-        self._previous.clear()
-        return False

@@ -1,32 +1,25 @@
-"""AdamW with weight-decay groups and NeMo's CosineAnnealing schedule (generic: the rm and ppo
-stages both use it).
+"""AdamW with weight-decay groups and NeMo's CosineAnnealing schedule, for every training stage.
 
-    opt = build_optimizer(model, cfg.rm.model.optim)          # optim: {name, lr, weight_decay, betas, sched}
+    opt = build_optimizer(model, cfg.rm.model.optim)          # optim: {name, lr, weight_decay, betas, eps, sched}
     sched = build_scheduler(opt, cfg.rm.model.optim, max_steps)
     ... opt.step(); sched.step()                              # once per optimizer step
 
-`optim_cfg` may be a dataclass, a DictConfig or a plain dict with NeMo's key names.
+`optim_cfg` is an `engine.config.OptimConfig` (a DictConfig or a dict with NeMo's key names is
+converted to one: every default is the dataclass's, there is no second set here).
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, List, Union
+from typing import Iterable, List, Union
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from engine.schedule import CONSTANT_SCHEDULES, COSINE_SCHEDULE, constant_lr, cosine_lr
+from .config import OptimConfig, typed
+from .schedule import CONSTANT_SCHEDULES, COSINE_SCHEDULE, constant_lr, cosine_lr
 
 log = logging.getLogger(__name__)
-
-
-def _get(cfg: Any, key: str, default=None):
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
 
 
 def param_groups(params_or_model: Union[nn.Module, Iterable], weight_decay: float) -> List[dict]:
@@ -50,13 +43,14 @@ def param_groups(params_or_model: Union[nn.Module, Iterable], weight_decay: floa
 def build_optimizer(params_or_model, optim_cfg) -> torch.optim.Optimizer:
     """AdamW (NeMo's `adamw`/`fused_adam`/`adam` names all map here; `adam` keeps decoupled decay
     too, as NeMo's fused_adam does). Uses the fused CUDA kernel when every parameter is on a GPU."""
-    name = str(_get(optim_cfg, "name", "adamw")).lower()
+    o = typed(optim_cfg, OptimConfig)
+    name = str(o.name).lower()
     if name not in ("adamw", "adam", "fused_adam", "distributed_fused_adam"):
         raise ValueError(f"optim.name={name!r}: only AdamW is implemented (adamw | adam | fused_adam)")
-    lr = float(_get(optim_cfg, "lr", 1e-5))
-    wd = float(_get(optim_cfg, "weight_decay", 0.0))
-    betas = tuple(float(b) for b in (_get(optim_cfg, "betas", None) or (0.9, 0.999)))
-    eps = float(_get(optim_cfg, "eps", 1e-8))
+    if len(o.betas) != 2:
+        raise ValueError(f"optim.betas={list(o.betas)}: expected two numbers [beta1, beta2]")
+    lr, wd, eps = float(o.lr), float(o.weight_decay), float(o.eps)
+    betas = (float(o.betas[0]), float(o.betas[1]))
     groups = param_groups(params_or_model, wd)
     params = [p for g in groups for p in g["params"]]
     kwargs = {}
@@ -117,13 +111,12 @@ class ConstantLR(LRScheduler):
 def build_scheduler(optimizer, optim_cfg, max_steps: int) -> LRScheduler:
     """The schedule named by `optim.sched.name` (CosineAnnealing | constant | null); one step per
     optimizer step. `max_steps` is the run's total number of optimizer steps."""
-    sched = _get(optim_cfg, "sched", None)
-    name = _get(sched, "name", None)
-    warmup = int(_get(sched, "warmup_steps", 0) or 0)
+    sched = typed(optim_cfg, OptimConfig).sched
+    name = sched.name if sched is not None else None
+    warmup = int(sched.warmup_steps) if sched is not None else 0
     if name in CONSTANT_SCHEDULES:
         return ConstantLR(optimizer, warmup_steps=warmup)
     if name != COSINE_SCHEDULE:
         raise ValueError(f"optim.sched.name={name!r}: expected CosineAnnealing | constant")
     return CosineAnnealing(optimizer, max_steps=max_steps, warmup_steps=warmup,
-                           constant_steps=int(_get(sched, "constant_steps", 0) or 0),
-                           min_lr=float(_get(sched, "min_lr", 0.0) or 0.0))
+                           constant_steps=int(sched.constant_steps), min_lr=float(sched.min_lr))

@@ -1,13 +1,14 @@
 """Resume only from training state written by the same config: one rule for every training stage.
 
-A stage's identity is its config sections (for rm: `model`, `rm`, `data.tokenizer`) flattened to
+The contract of every training stage (engine/loop.py applies it): a stage's identity is its config sections (for rm: `model`, `rm`, `data.tokenizer`) flattened to
 dotted keys, minus the keys that may change between a run and its resumption (more steps, other
 logging and checkpoint settings), plus the size and mtime of every input file the config names (a
 re-run prep writes new data under the same paths). It is written to `checkpoints/identity.json`
 before the first checkpoint. At the start of a stage, checkpoints written under another identity,
 under none (an older kit), with `exp_manager.resume_if_exists=false`, or by another `force=true`
 launch are moved aside to `checkpoints.old-<time>` and the stage starts fresh, saying which keys
-changed. A `force=true` launch (`run.force_id`, set by the launcher) resumes only its own checkpoints:
+changed. The identity's digest is also written into every checkpoint, and a checkpoint whose digest
+differs (a file copied in from another run) is treated the same way. A `force=true` launch (`run.force_id`, set by the launcher) resumes only its own checkpoints:
 a Slurm requeue of the same job keeps its work, a new `force=true` command trains from step 0.
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ import logging
 import os
 import time
 from typing import Any, Dict, Iterable, List, Optional
+
+from .io import write_json
 
 log = logging.getLogger(__name__)
 IDENTITY = "identity.json"
@@ -127,16 +130,24 @@ def prepare_checkpoint_dir(ckpt_dir: str, identity: Dict[str, Any], resume: bool
             old = None
         why = _why_foreign(old, identity, resume)
         if why is not None:
-            moved = _free_name(f"{ckpt_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(ckpt_dir, moved)
-            log.warning("%s: not resuming the checkpoints in %s (%s): moved to %s; training from step 0",
-                        stage, ckpt_dir, why, moved)
-    os.makedirs(ckpt_dir, exist_ok=True)
-    tmp = os.path.join(ckpt_dir, f".{IDENTITY}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(identity, f, indent=1, sort_keys=True)
-    os.replace(tmp, os.path.join(ckpt_dir, IDENTITY))
+            return move_aside(ckpt_dir, identity, why, stage)
+    _record(ckpt_dir, identity)
     return moved
+
+
+def move_aside(ckpt_dir: str, identity: Dict[str, Any], why: str, stage: str) -> str:
+    """Move `ckpt_dir` to `<ckpt_dir>.old-<time>` (saying why), start it again empty under `identity`."""
+    moved = _free_name(f"{ckpt_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(ckpt_dir, moved)
+    log.warning("%s: not resuming the checkpoints in %s (%s): moved to %s; training from step 0",
+                stage, ckpt_dir, why, moved)
+    _record(ckpt_dir, identity)
+    return moved
+
+
+def _record(ckpt_dir: str, identity: Dict[str, Any]) -> None:
+    os.makedirs(ckpt_dir, exist_ok=True)
+    write_json(os.path.join(ckpt_dir, IDENTITY), identity, indent=1, sort_keys=True)
 
 
 def _free_name(path: str) -> str:

@@ -1,4 +1,4 @@
-"""A tqdm progress bar over optimizer steps with throughput (generic: rm and ppo use it).
+"""A tqdm progress bar over optimizer steps with throughput (every training stage uses it).
 
     bar = Progress(total_steps, initial=start_step, desc="rm")
     bar.update(pairs=64, tokens=20_000, loss=0.61, acc=0.7)   # once per step

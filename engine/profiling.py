@@ -1,4 +1,4 @@
-"""torch.profiler traces of a few optimizer steps, per rank (generic: rm and ppo use it).
+"""torch.profiler traces of a few optimizer steps, per rank (every training stage's, through engine/loop.py).
 
     prof = StepProfiler(cfg.torch_profile, stage_dir, rank)     # enabled, start_step, end_step, ranks
     for step in ...:                                            # 1-based optimizer step numbers
@@ -18,16 +18,17 @@ from typing import Any, Optional
 
 import torch
 
-from .optim import _get
+from .config import TorchProfileConfig, typed
 
 log = logging.getLogger(__name__)
 
 
 class StepProfiler:
     def __init__(self, cfg: Any, stage_dir: str, rank: int = 0):
-        self.enabled = bool(_get(cfg, "enabled", False)) and rank in list(_get(cfg, "ranks", [0]) or [0])
-        self.start, self.end = int(_get(cfg, "start_step", 10)), int(_get(cfg, "end_step", 12))
-        if _get(cfg, "enabled", False) and not 1 <= self.start <= self.end:
+        c = typed(cfg, TorchProfileConfig)
+        self.enabled = bool(c.enabled) and rank in list(c.ranks)
+        self.start, self.end = int(c.start_step), int(c.end_step)
+        if c.enabled and not 1 <= self.start <= self.end:
             raise ValueError(f"torch_profile: need 1 <= start_step <= end_step, got {self.start}..{self.end}")
         self.dir, self.rank = os.path.join(stage_dir, "profile"), rank
         self._prof: Optional[torch.profiler.profile] = None

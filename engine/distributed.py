@@ -1,4 +1,4 @@
-"""torch.distributed helpers for data-parallel training (generic: rm and ppo use them).
+"""torch.distributed helpers for data-parallel training (every training stage uses them).
 
 The launcher's runner calls `init_process_group` (gloo on CPU, nccl on GPU) and sets the CUDA
 device before a stage runs; these helpers only read that state, so a single process needs nothing.
@@ -94,10 +94,28 @@ def shard_fsdp(model: nn.Module, grad_sync_dtype: Optional[str] = None) -> nn.Mo
     return model
 
 
+def _to_wire(grad: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """The one gradient-averaging rule of every stage: divide by the ranks first (so a bf16 sum
+    cannot overflow), then all-reduce the sum, in bf16 when `grad_sync_dtype` says so."""
+    return grad.to(torch.bfloat16).div_(world_size()) if bf16 else grad.div_(world_size())
+
+
+def average_gradients(grads, bf16: bool = False) -> None:
+    """In place: each gradient's mean over the ranks (what DDP's hook below does per bucket), for
+    trainers that hold their own fp32 master gradients (ppo's actor and critic)."""
+    if world_size() <= 1:
+        return
+    wire = [_to_wire(g, bf16) for g in grads]
+    for h in [dist.all_reduce(w, async_op=True) for w in wire]:
+        h.wait()
+    if bf16:
+        torch._foreach_copy_(list(grads), wire)
+
+
 def _bf16_allreduce_hook(state, bucket):
     """DDP communication hook: average a gradient bucket over the ranks in bf16 (NCCL and gloo)."""
     buf = bucket.buffer()
-    wire = buf.to(torch.bfloat16).div_(world_size())
+    wire = _to_wire(buf, True)
     fut = dist.all_reduce(wire, async_op=True).get_future()
 
     def back(f):
