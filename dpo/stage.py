@@ -153,7 +153,8 @@ def run(cfg) -> Dict[str, str]:
                          "packing": m.data.packing, "packed_tokens": m.data.packed_tokens}})
     loop = TrainingLoop(task, LoopConfig(
         max_steps=max_steps, val_check_interval=t.val_check_interval, save_interval=t.save_interval,
-        has_validation=val is not None and len(val) > 0, resume=dpo.exp_manager.resume_if_exists,
+        has_validation=val is not None and len(val) > 0, validate_at_start=True,  # the reference: loss ln 2
+        resume=dpo.exp_manager.resume_if_exists,
         monitor=ckpt_params.monitor, torch_profile=m.torch_profile, progress_unit="pairs"),
         stage_dir=stage_dir, name="dpo", checkpoints=manager, identity=identity, device=device)
     loop.run()

@@ -21,13 +21,17 @@ import torch
 import torch.distributed as dist
 
 from engine import distributed as D
-from engine.loop import call_stop
 from engine.optim import build_optimizer, build_scheduler
 
 from .data import PairSet, collate, collate_packed, global_batches, pack_pairs, rank_share, sequence_logps
 from .loss import STAT_KEYS, metrics, pair_sums, preference_loss
 
 log = logging.getLogger(__name__)
+
+
+def call_stop(should_stop) -> bool:
+    """The loop's stop poll (a collective when there are several ranks), or False outside the loop."""
+    return bool(should_stop()) if should_stop is not None else False
 
 
 @dataclass

@@ -14,7 +14,7 @@ from ppo.config import PPOConfig
 from rm_training.config import RMConfig
 from sft.config import SFTConfig
 
-STAGES = ("prep", "rm", "ppo", "eval")
+STAGES = ("prep", "sft", "rm", "dpo", "ppo", "eval")
 
 
 @dataclass

@@ -40,6 +40,10 @@ class Stage:
 
 REGISTRY = {
     "prep": Stage("prep", "data_prep", ("data",), distributed=False),
+    "sft": Stage("sft", "sft", ("model", "sft"), (
+        Input("sft.model.data.data_prefix", "prep", "comparisons", shape="split_lists"),
+        Input("data.tokenizer.model", "prep", "tokenizer", always=True, required=False),
+    ), in_all=False),
     "rm": Stage(
         "rm",
         "rm_training",
@@ -49,6 +53,11 @@ REGISTRY = {
             Input("data.tokenizer.model", "prep", "tokenizer", always=True, required=False),
         ),
     ),
+    "dpo": Stage("dpo", "dpo", ("model", "dpo"), (
+        Input("dpo.model.data.data_prefix", "prep", "comparisons", shape="split_lists"),
+        Input("data.tokenizer.model", "prep", "tokenizer", always=True, required=False),
+        Input("dpo.pretrained_checkpoint.restore_from_path", "sft", "nemo", required=False),
+    ), in_all=False),
     "ppo": Stage(
         "ppo",
         "ppo",
@@ -57,6 +66,8 @@ REGISTRY = {
             Input("ppo.model.data.data_prefix", "prep", "prompts", shape="split_lists"),
             Input("data.tokenizer.model", "prep", "tokenizer", always=True, required=False),
             Input("ppo.reward_model.restore_from_path", "rm", "nemo"),
+            # the initial policy from sft when this key is null (ppo.pretrained_checkpoint.restore_from_path=null)
+            Input("ppo.pretrained_checkpoint.restore_from_path", "sft", "nemo", required=False),
         ),
     ),
     "eval": Stage("eval", "evaluation", ("eval",), (

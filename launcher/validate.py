@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from launcher.config import KitConfig
 from launcher.errors import ConfigError, suggest
-from launcher.stages import parse_stage_selection
+from launcher.stages import REGISTRY, parse_stage_selection
 from launcher.tracking import config_problems as tracking_problems
 from modeling.formats import detect_format
 from engine.schedule import COSINE_SCHEDULE, SCHEDULE_NAMES
@@ -349,7 +349,7 @@ def validate(cfg: DictConfig, stages: Sequence[str], dry_run: bool = False,
     """Raise ConfigError listing every problem found in the composed config.
 
     `warn`: what a dry run does with problems that are only errors when run for real (default: log them)."""
-    sections = {"prep": ["data"], "rm": ["model", "rm"], "ppo": ["model", "ppo"], "eval": ["eval"]}
+    sections = {name: list(stage.sections) for name, stage in REGISTRY.items()}  # the sections each stage reads
     wanted = ["run", "cluster"] + sorted({s for st in stages for s in sections[st]})
     problems = _missing(cfg, wanted)
     if problems:  # the rules below would trip over the missing values

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-from rm_training.config import CheckpointCallbackParams, ExpManagerConfig, OptimConfig, TorchProfileConfig
+from engine.config import CheckpointCallbackParams, ExpManagerConfig, OptimConfig, TorchProfileConfig
 
 
 @dataclass

@@ -20,13 +20,17 @@ import torch
 import torch.distributed as dist
 
 from engine import distributed as D
-from engine.loop import call_stop
 from engine.optim import build_optimizer, build_scheduler
 
 from .data import SFTDataset, collate, collate_packed, global_batches, pack_samples, rank_share
 from .loss import batch_nll_sum, perplexity
 
 log = logging.getLogger(__name__)
+
+
+def call_stop(should_stop) -> bool:
+    """The loop's stop poll (a collective when there are several ranks), or False outside the loop."""
+    return bool(should_stop()) if should_stop is not None else False
 
 
 @dataclass
