@@ -58,6 +58,22 @@ def token_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return advantages[:, None].to(mask.dtype) * mask
 
 
+def check_estimator(estimator: str, group_size: int, num_rollout_samples: int, ranks: int = 1) -> None:
+    """The keys' rules, named: a known estimator; grpo / rloo need >= 2 responses per prompt; whole groups
+    per step and per rank."""
+    where = "ppo.model.ppo"
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"{where}.advantage_estimator={estimator!r}: expected one of {' | '.join(ESTIMATORS)}")
+    if group_size < 1 or (estimator != "gae" and group_size < 2):
+        raise ValueError(f"{where}.num_rollouts_per_prompt={group_size}: {estimator} needs at least 2 responses per "
+                         "prompt (its baseline is the other responses to the same prompt)" if estimator != "gae" else
+                         f"{where}.num_rollouts_per_prompt={group_size}: must be >= 1")
+    if num_rollout_samples % (group_size * ranks):
+        raise ValueError(f"{where}.num_rollout_samples={num_rollout_samples} is not divisible by "
+                         f"num_rollouts_per_prompt={group_size} x {ranks} data-parallel ranks (each rank holds whole "
+                         "groups of responses)")
+
+
 def critic_free_advantages(estimator: str, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
                            kl_coef: float, group_size: int) -> torch.Tensor:
     """The [B, T] advantages of `grpo` or `rloo` for one rollout batch (k consecutive rows per prompt)."""
