@@ -7,12 +7,14 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 from data_prep.config import DataConfig
+from dpo.config import DPOConfig
 from evaluation.config import EvalConfig
 from modeling.config import ModelConfig
 from ppo.config import PPOConfig
 from rm_training.config import RMConfig
+from sft.config import SFTConfig
 
-STAGES = ("prep", "rm", "ppo", "eval")
+STAGES = ("prep", "sft", "rm", "dpo", "ppo", "eval")
 
 
 @dataclass
@@ -85,4 +87,6 @@ class KitConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -49,6 +49,12 @@ class Stage:
 
 REGISTRY = {
     "prep": Stage("prep", "data_prep", ("data",), distributed=False, memory_keys=("data.workers", "data.max_pairs")),
+    "sft": Stage("sft", "sft", ("model", "sft"), (
+        Input("sft.model.data.data_prefix", "prep", "comparisons", shape="split_lists"),
+        Input("data.tokenizer.model", "prep", "tokenizer", always=True, required=False),
+    ), in_all=False, trainer=True, optimizers=("sft.model.optim",), batches=("sft.model.data.train_ds",),
+        checkpoints=("model.restore_from_path",),
+        memory_keys=("sft.model.data.train_ds.micro_batch_size", "sft.model.data.train_ds.max_seq_length")),
     "rm": Stage(
         "rm",
         "rm_training",
@@ -64,6 +70,12 @@ REGISTRY = {
         memory_keys=("rm.model.micro_batch_size", "rm.model.data.packed_tokens (with packing)",
                      "rm.model.data.seq_length", "model.activation_memory_budget"),
     ),
+    "dpo": Stage("dpo", "dpo", ("model", "dpo"), (
+        Input("dpo.model.data.data_prefix", "prep", "comparisons", shape="split_lists"),
+        Input("data.tokenizer.model", "prep", "tokenizer", always=True, required=False),
+        Input("dpo.pretrained_checkpoint.restore_from_path", "sft", "nemo", required=False),
+    ), in_all=False, trainer=True, optimizers=("dpo.model.optim",), batches=("dpo.model",),
+        checkpoints=("model.restore_from_path",), memory_keys=("dpo.model.micro_batch_size", "dpo.model.data.seq_length")),
     "ppo": Stage(
         "ppo",
         "ppo",
@@ -72,6 +84,8 @@ REGISTRY = {
             Input("ppo.model.data.data_prefix", "prep", "prompts", shape="split_lists"),
             Input("data.tokenizer.model", "prep", "tokenizer", always=True, required=False),
             Input("ppo.reward_model.restore_from_path", "rm", "nemo"),
+            # the initial policy from sft when this key is null (ppo.pretrained_checkpoint.restore_from_path=null)
+            Input("ppo.pretrained_checkpoint.restore_from_path", "sft", "nemo", required=False),
         ),
         trainer=True,
         optimizers=("ppo.model.optim", "ppo.critic.optim"),

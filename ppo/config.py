@@ -76,6 +76,12 @@ class ActorPPOConfig:
     offload_idle_models: bool = False
     # TRL's key: a response cut at max_length without an end string loses this much reward (null = none)
     missing_eos_penalty: Optional[float] = None
+    # gae: a critic's values (NeMo-Aligner's PPO) | grpo: group-normalized rewards | rloo: leave-one-out
+    # baseline; grpo and rloo build no critic (ppo/advantages.py)
+    advantage_estimator: str = "gae"
+    # responses sampled per prompt (NeMo-Aligner REINFORCE's name): num_rollout_samples counts responses, so a
+    # step holds num_rollout_samples / num_rollouts_per_prompt prompts; grpo and rloo need at least 2
+    num_rollouts_per_prompt: int = 1
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
     length_params: LengthParams = field(default_factory=LengthParams)
 

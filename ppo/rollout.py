@@ -195,7 +195,8 @@ def score(batch: RolloutBatch, *, actor, reference, critic, reward, micro_batch_
             s = sub.mask.shape[1]
             lp[mb, :s] = token_logprobs(actor, sub.tokens, sub.mask)[0]
             ref[mb, :s] = token_logprobs(reference, sub.tokens, sub.mask)[0]
-            val[mb, :s] = token_values(critic, sub.tokens, sub.mask)
+            if critic is not None:  # grpo / rloo: no critic, values stay 0 (unused)
+                val[mb, :s] = token_values(critic, sub.tokens, sub.mask)
             scores[mb] = reward(sub.tokens, lengths=sub.lengths).float()
     finally:
         for m, was in modes:

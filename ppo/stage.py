@@ -28,6 +28,7 @@ from engine.loop import LoopConfig, TrainingLoop, run_length
 from engine.precision import compute_dtype
 from engine.resume import prepare_checkpoint_dir, stage_identity
 
+from .advantages import check_estimator
 from .config import PPOConfig
 from .data import PromptDataset
 from .models import frozen_copy, mask_padded_vocab, load_actor, load_critic, load_reward, model_config
@@ -109,9 +110,16 @@ def _run(cfg, pcfg, stage_dir, rcfg, loop, device, tmp):
     # the engine switches (model.torch_compile, activations_checkpointing, activation_memory_budget)
     # apply to all four models (generation keeps its eager blocks and CUDA graphs either way)
     reward = load_reward(str(rm_path), device, dtype, torch_compile=mcfg.torch_compile)
-    critic = load_critic(str(pcfg.critic.restore_from_path or rm_path), device, dtype, **engine_switches(mcfg))
-    log.info("models on %s in %s: actor %.1fM params, critic %.1fM, reward %.1fM, reference frozen copy (%.1fs)",
-             device, str(dtype).replace("torch.", ""), _m(actor), _m(critic), _m(reward), time.perf_counter() - t0)
+    estimator = rcfg.advantage_estimator
+    check_estimator(estimator, rcfg.num_rollouts_per_prompt, rcfg.num_rollout_samples, D.world_size())
+    # grpo / rloo: the baseline is the other responses to the prompt; no critic is loaded at all
+    critic = load_critic(str(pcfg.critic.restore_from_path or rm_path), device, dtype, **engine_switches(mcfg)) \
+        if estimator == "gae" else None
+    log.info("models on %s in %s: actor %.1fM params, %s, reward %.1fM, reference frozen copy (%.1fs)",
+             device, str(dtype).replace("torch.", ""), _m(actor),
+             f"critic {_m(critic):.1f}M" if critic is not None else
+             f"no critic ({estimator}, {rcfg.num_rollouts_per_prompt} responses per prompt)", _m(reward),
+             time.perf_counter() - t0)
 
     if rcfg.sampling_params.repetition_penalty != 1.0:
         raise ValueError("ppo.model.ppo.sampling_params.repetition_penalty: only 1.0 is supported by the generator "
@@ -124,7 +132,8 @@ def _run(cfg, pcfg, stage_dir, rcfg, loop, device, tmp):
     train = PromptDataset(splits["train"], tok, max_prompt, seed=pcfg.model.seed)
     val = PromptDataset(splits["validation"], tok, max_prompt, shuffle=False)
     n = rcfg.num_rollout_samples
-    max_steps = run_length(loop.max_steps, loop.max_epochs, math.ceil(len(train) / n), "ppo.trainer.ppo", log)
+    max_steps = run_length(loop.max_steps, loop.max_epochs, math.ceil(len(train) * rcfg.num_rollouts_per_prompt / n),
+                           "ppo.trainer.ppo", log)
     log.info("%d train prompts, %d validation prompts; %d steps of %d rollouts", len(train), len(val), max_steps, n)
     _check_schedules(pcfg, max_steps)
 
@@ -176,7 +185,10 @@ def _check_schedules(pcfg: PPOConfig, max_steps: int) -> None:
     from engine.schedule import check_run
 
     r, warm = pcfg.model.ppo, pcfg.trainer.ppo.critic_warmup_steps
-    for key, section, skip in (("ppo.model.optim", pcfg.model, warm), ("ppo.critic.optim", pcfg.critic, 0)):
+    trained = (("ppo.model.optim", pcfg.model, warm), ("ppo.critic.optim", pcfg.critic, 0))
+    if r.advantage_estimator != "gae":  # no critic; the actor trains from step 1
+        trained = (("ppo.model.optim", pcfg.model, 0),)
+    for key, section, skip in trained:
         per = max(1, r.num_rollout_samples // section.global_batch_size)
         check_run(key, section.optim, max(1, max_steps - skip) * r.ppo_epochs * per,
                   f"{max_steps} PPO steps x ppo_epochs {r.ppo_epochs} x {per} optimizer steps of "

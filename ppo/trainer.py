@@ -23,6 +23,7 @@ from . import algorithms as A
 from modeling import clear_generation_state
 
 from .models import FrozenOffload
+from .advantages import check_estimator, critic_free_advantages
 from .optimization import TrainedModel
 from .rollout import EndCondition, RolloutBatch, generate_responses, score, token_logprobs, token_values
 
@@ -40,15 +41,18 @@ class PPOTrainer:
         n = self.rcfg.num_rollout_samples
         if n % self.world:
             raise ValueError(f"num_rollout_samples={n} is not divisible by the {self.world} ranks")
+        self.estimator, self.group = self.rcfg.advantage_estimator, int(self.rcfg.num_rollouts_per_prompt)
+        check_estimator(self.estimator, self.group, n, self.world)
         opt_steps = max_steps * self.rcfg.ppo_epochs
         actor_gbs, critic_gbs = pcfg.model.global_batch_size, pcfg.critic.global_batch_size
         self.actor = TrainedModel("actor", actor, pcfg.model.optim,
-                                  max(1, max_steps - self.loop.critic_warmup_steps) * self.rcfg.ppo_epochs * max(1, n // actor_gbs),
+                                  max(1, max_steps - (self.loop.critic_warmup_steps if critic is not None else 0)) * self.rcfg.ppo_epochs * max(1, n // actor_gbs),
                                   global_batch_size=actor_gbs, micro_batch_size=pcfg.model.micro_batch_size,
                                   grad_clip=self.loop.gradient_clip_val)
-        self.critic = TrainedModel("critic", critic, pcfg.critic.optim, opt_steps * max(1, n // critic_gbs),
-                                   global_batch_size=critic_gbs, micro_batch_size=pcfg.critic.micro_batch_size,
-                                   grad_clip=self.loop.gradient_clip_val)
+        # grpo / rloo: no critic is built, trained or kept (critic is None)
+        self.critic = None if critic is None else TrainedModel(
+            "critic", critic, pcfg.critic.optim, opt_steps * max(1, n // critic_gbs), global_batch_size=critic_gbs,
+            micro_batch_size=pcfg.critic.micro_batch_size, grad_clip=self.loop.gradient_clip_val)
         ak = self.loop.adaptive_kl
         self.kl_ctl = A.AdaptiveKLController(self.loop.initial_policy_kl_penalty,
                                              ak.target if ak.enable else None, ak.horizon)
@@ -96,6 +100,11 @@ class PPOTrainer:
 
     def _advantages(self, batch: RolloutBatch) -> Dict[str, float]:
         kl = A.kl_per_token(batch.logprobs, batch.ref_logprobs, self.loop.use_absolute_kl)
+        if self.critic is None:  # grpo / rloo: the group of each prompt's responses is the baseline
+            batch.advantages = critic_free_advantages(self.estimator, batch.rewards, kl, batch.mask, self.kl_ctl.value,
+                                                      self.group)
+            batch.returns = torch.zeros_like(batch.advantages)
+            return {"explained_variance": float("nan")}
         rewards = A.token_rewards(batch.rewards, kl, batch.mask, self.kl_ctl.value)
         adv, ret = A.gae(batch.values, rewards, batch.mask, self.loop.discount_factor, self.loop.gae_lambda)
         if self.loop.normalize_advantages:
@@ -140,16 +149,19 @@ class PPOTrainer:
         t_start = time.perf_counter()
         timers: Dict[str, float] = {}
         n = self.rcfg.num_rollout_samples
-        prompts = self.train_data.batch(self.step, n, self.rank, self.world)
+        # k responses per prompt, consecutive rows (a rank holds whole groups): n / k prompts a step
+        k = self.group
+        prompts = [p for p in self.train_data.batch(self.step, n // k, self.rank, self.world) for _ in range(k)]
         batch = self._rollout(prompts, timers)
         metrics = self._stats(batch)
         metrics.update(self._advantages(batch))
         t0 = time.perf_counter()
         self._offload_idle()
         seed = self.cfg.model.seed * 100003 + self.step
-        metrics.update({f"critic_{k}": v for k, v in self.critic.update(batch, self._critic_loss, self.rcfg.ppo_epochs,
-                                                                        seed).items()})
-        if self.step >= self.loop.critic_warmup_steps:
+        if self.critic is not None:
+            metrics.update({f"critic_{k}": v for k, v in self.critic.update(batch, self._critic_loss,
+                                                                            self.rcfg.ppo_epochs, seed).items()})
+        if self.step >= self.loop.critic_warmup_steps or self.critic is None:
             metrics.update({f"actor_{k}": v for k, v in self.actor.update(batch, self._actor_loss, self.rcfg.ppo_epochs,
                                                                           seed + 1).items()})
         self._sync()
@@ -159,7 +171,7 @@ class PPOTrainer:
         total = time.perf_counter() - t_start
         gen_tokens = D.all_reduce_sum({"t": float((batch.lengths - batch.prompt_lengths).sum())})["t"]
         metrics.update({
-            "kl_coef": self.kl_ctl.value, "lr_actor": self.actor.lr, "lr_critic": self.critic.lr,
+            "kl_coef": self.kl_ctl.value, "lr_actor": self.actor.lr, "lr_critic": self.critic.lr if self.critic else float("nan"),
             "time_generation": timers["generation"], "time_scoring": timers["scoring"],
             "time_training": timers["training"], "time_step": total,
             "generation_tokens_per_s": gen_tokens / max(timers["generation"], 1e-9),
@@ -218,13 +230,15 @@ class PPOTrainer:
     # --- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         gens = _gather(self.sample_gen.get_state().cpu())
-        return {"step": self.step, "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
+        return {"step": self.step, "actor": self.actor.state_dict(),
+                "critic": self.critic.state_dict() if self.critic is not None else {},
                 "kl_ctl": self.kl_ctl.state_dict(), "sample_generator": gens}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.actor.load_state_dict(state["actor"])
-        self.critic.load_state_dict(state["critic"])
+        if self.critic is not None:
+            self.critic.load_state_dict(state["critic"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         gens = state["sample_generator"]
         self.sample_gen.set_state(gens[self.rank % len(gens)])
