@@ -56,6 +56,7 @@ def _nemo_problems(path: str, size: int, mtime: int, fmt: str) -> Tuple[str, ...
     import yaml
 
     from data_prep.nemo_archive import read_model_config
+    from modeling.nemo_io import NemoArchiveError
 
     try:
         cfg = read_model_config(path)
@@ -63,6 +64,11 @@ def _nemo_problems(path: str, size: int, mtime: int, fmt: str) -> Tuple[str, ...
         return (f"not a readable .nemo archive ({type(e).__name__}: {e})",)
     except yaml.YAMLError as e:
         return (f"model_config.yaml is not valid YAML ({str(e).splitlines()[0]})",)
+    except NemoArchiveError as e:  # the archive reader's refusal names the file and what is wrong
+        msg = str(e).splitlines()[0]
+        for lead in (path + "/", path + ": "):  # the caller names the file already
+            msg = msg[len(lead):] if msg.startswith(lead) else msg
+        return (msg,)
     except Exception as e:  # noqa: BLE001 - a reader's refusal (too large, no config...): its words
         return (f"{type(e).__name__}: {e}",)
     cfg = {} if cfg is None else cfg  # an empty config reads as {} (modeling.nemo_io does the same)

@@ -238,8 +238,8 @@ def _tar_with_config(path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize("kind, expect", [
     ("truncated", "truncated: member"),
-    ("bad_yaml", "model_config.yaml is not valid YAML"),
-    ("a_list", "model_config.yaml holds a list, not a mapping of config keys"),
+    ("bad_yaml", "model_config.yaml: not valid YAML"),  # modeling.nemo_io's words (the one .nemo reader)
+    ("a_list", "model_config.yaml: expected a mapping of NeMo keys, got a list"),
     ("tokenizer_list", "model_config.yaml: 'tokenizer' holds a list, not a mapping"),
 ])
 def test_a_malformed_nemo_is_refused_at_validation_naming_key_and_file(tmp_path, checkpoints, kind, expect):

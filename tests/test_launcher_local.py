@@ -180,7 +180,8 @@ def test_stages_run_the_checkout_that_launched_them(tmp_path):
     from tests.kit import ROOT
 
     copy = tmp_path / "other_checkout"
-    for name in ("launcher", "engine", "evaluation", "data_prep", "rm_training", "ppo", "modeling", "hydra_plugins", "conf"):
+    packages = sorted(p.parent.name for p in ROOT.glob("*/__init__.py") if p.parent.name != "tests")
+    for name in (*packages, "hydra_plugins", "conf"):  # every package of the kit (a new stage included)
         shutil.copytree(ROOT / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", copy)
     marker = tmp_path / "imported_from.txt"
