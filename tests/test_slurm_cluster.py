@@ -94,12 +94,13 @@ def test_chain_is_afterok_and_a_failing_first_stage_cancels_the_rest(tmp_path):
     assert f"#SBATCH --dependency=afterok:{ids['prep']}:{ids['rm']}\n" in ppo_script
     assert "#SBATCH --kill-on-invalid-dep=yes" in rm_script and "afterany" not in rm_script + ppo_script
     stages = manifest(tmp_path / "run")["stages"]
-    assert stages["prep"]["status"] == "failed" and "no training text" in stages["prep"]["error"]
+    # issue 18 item 6: data that cannot make a model is a PrepError naming the file (was "no training text")
+    assert stages["prep"]["status"] == "failed" and "no comparison pair" in stages["prep"]["error"]
     for s in ("rm", "ppo"):
         assert stages[s]["status"] == "cancelled" and "did not succeed" in stages[s]["error"]
         assert sacct_state(ids[s]).startswith("CANCELLED")
         assert not stages[s].get("started"), "a stage after a failed one never starts"
-    assert "ValueError: no training text" in r.stdout + r.stderr, "the failed stage's log tail is shown"
+    assert "no comparison pair (and no prompt) kept from" in r.stdout + r.stderr, "the failed stage's log tail is shown"
 
 
 def test_cancel_a_queued_chain(tmp_path):
