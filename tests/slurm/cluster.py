@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 HOOKS = Path(__file__).resolve().parent / "hooks"
+ROOT = HOOKS.parent.parent.parent  # the checkout
 START = "sudo tests/slurm/start_slurm.sh   (stop: tests/slurm/stop_slurm.sh)"
 
 
@@ -41,7 +42,9 @@ def require_slurm() -> None:
 
 
 def hook(mode: str, stage: str) -> list:
-    return [f"+cluster.env.PYTHONPATH={HOOKS}", f"+cluster.env.KIT_TEST_HOOK={mode}:{stage}"]
+    """cluster.env.PYTHONPATH replaces the checkout's path in the batch script (as it does for local ranks),
+    so it names the checkout too: with the hooks alone the job imports no kit, or another copy pip installed."""
+    return [f"+cluster.env.PYTHONPATH={HOOKS}{os.pathsep}{ROOT}", f"+cluster.env.KIT_TEST_HOOK={mode}:{stage}"]
 
 
 def manifest(run_dir: Path) -> dict:
