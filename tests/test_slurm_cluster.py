@@ -7,7 +7,10 @@ probing GPUs): the launcher, runner, manifest, sbatch, sacct and scontrol are ne
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -115,6 +118,67 @@ def test_cancel_a_queued_chain(tmp_path):
     for s, jid in ids.items():
         wait_for(lambda: sacct_state(jid).startswith("CANCELLED"), 30, f"{s} cancelled")
         assert manifest(tmp_path)["stages"][s]["status"] == "cancelled"
+
+
+def test_status_and_cancel_hints_are_shell_quoted(tmp_path):
+    """Issue 18 item 8: every hint the launcher prints (after a submission, when a second launch finds the
+    run's jobs live, on Ctrl-C while waiting) names run.dir shell-quoted. Unquoted, a run directory with a
+    space and `$(...)` split into several arguments and pasting the hint into a shell ran the command in it."""
+    run = tmp_path / "a b;$(touch PWNED) `touch PWNED`"
+    argv = ["stage=prep", f"run.dir='{run}'", *SLURM, "cluster.cpus_per_task=1", *hook("slow", "prep")]
+    # the shell a user pastes a hint into: `python` is this interpreter, the kit importable from anywhere
+    shell_env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+                 "PYTHONPATH": str(ROOT)}
+
+    def check(hint: str, verb: str) -> subprocess.CompletedProcess:
+        """The hint pasted into a shell runs nothing else and hands the launcher run.dir as one argument."""
+        r = subprocess.run(["bash", "-c", hint], cwd=tmp_path, env=shell_env, capture_output=True, text=True,
+                           timeout=60)  # cwd: where `touch PWNED` would land
+        assert not (tmp_path / "PWNED").exists() and not (ROOT / "PWNED").exists(), f"{hint!r} ran `touch PWNED`"
+        assert shlex.split(hint) == ["python", "-m", "launcher.runs", verb, str(run)], hint
+        assert r.returncode == 0, hint + "\n" + r.stdout + r.stderr
+        return r
+
+    try:
+        # 1. the line after a submission: status and cancel
+        r = cli(*argv)
+        assert r.returncode == 0, r.stdout + r.stderr
+        jid = submitted_ids(r.stdout)["prep"]
+        m = re.search(r"^submitted prep=\d+; status: (.+?); cancel: (.+)$", r.stdout, re.M)
+        assert m, r.stdout
+        status, cancel_hint = m.groups()
+        st = check(status, "status")
+        assert f"run {run}" in st.stdout and re.search(rf"prep\s+\w+\s+job\s+{jid}\b", st.stdout), st.stdout
+        assert shlex.split(cancel_hint) == ["python", "-m", "launcher.runs", "cancel", str(run)], cancel_hint
+        # 2. a second launch while the job is live is refused, saying how to cancel it
+        again = cli(*argv)
+        assert again.returncode == 2, again.stdout + again.stderr
+        (line,) = [l for l in again.stderr.splitlines() if "cancel them: " in l]
+        c = check(line.split("cancel them: ", 1)[1], "cancel")
+        assert f"prep (job {jid})" in c.stdout, c.stdout + c.stderr
+        wait_for(lambda: sacct_state(jid).startswith("CANCELLED"), 30, "job cancelled by the pasted hint")
+        check(cancel_hint, "cancel")  # the submission's own cancel hint: nothing left to cancel
+        # 3. Ctrl-C while waiting: the jobs keep running, and the warning says how to cancel them
+        out = tmp_path / "launch.out"
+        with open(out, "w") as f:
+            p = subprocess.Popen([sys.executable, str(ROOT / "launcher" / "main.py"), *argv, "cluster.wait=true"],
+                                 cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: "[hook slow] attempt 0" in out.read_text(), 60, "the waiting launch streaming the log")
+            p.send_signal(signal.SIGINT)
+            assert p.wait(timeout=30) == 130, out.read_text()
+        finally:
+            if p.poll() is None:
+                p.kill()
+        text = out.read_text()
+        jid2 = submitted_ids(text)["prep"]
+        m = re.search(r"stopped waiting; the jobs keep running \((.+)\)$", text, re.M)
+        assert m, text
+        c = check(m.group(1), "cancel")
+        assert f"prep (job {jid2})" in c.stdout, c.stdout + c.stderr
+        wait_for(lambda: sacct_state(jid2).startswith("CANCELLED"), 30, "job cancelled by the pasted hint")
+    finally:  # a failed check leaves no job behind to hold the node's CPUs for the tests after it
+        runs("cancel", str(run))
 
 
 def test_sweep_is_one_job_array_with_a_run_folder_per_point(tmp_path):
