@@ -254,6 +254,59 @@ def test_requeue_and_resume_after_scontrol_requeue_and_near_the_time_limit(tmp_p
     assert "SIGTERM" in rq_entry["requeue_note"] and "requeued by Slurm" in rq_entry["requeue_note"]
 
 
+def test_a_requeue_during_a_long_validation_keeps_the_rm_stages_work(tmp_path):
+    """Issue 18 item 12: Slurm requeue keeps its work. The real rm stage (tiny, CPU) is requeued with
+    `scontrol requeue` (SIGTERM, then SIGKILL KillWait=5 s later) during its step-1 validation, which takes
+    20 s on that attempt: the loop cuts the validation short, checkpoints step 1 and exits 75; the same job
+    restarts, resumes at step 1 (that validation first) and ends after the same 2 steps, each trained once.
+    Before the fix the validation ran on, the job was killed with no checkpoint and restarted from step 0."""
+    steps = 2
+    r = cli("stage=prep,rm", f"run.dir={tmp_path}", *SLURM, "cluster.cpus_per_task=2", "data.max_pairs=40",
+            f"rm.trainer.rm.max_steps={steps}", "rm.trainer.rm.max_epochs=-1", "rm.trainer.rm.val_check_interval=1",
+            "rm.trainer.rm.save_interval=0", "rm.model.global_batch_size=4", "rm.model.micro_batch_size=4",
+            *hook("slowval", "rm"), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    jid = submitted_ids(r.stdout)["rm"]
+    log, metrics = tmp_path / "rm" / "slurm" / f"{jid}_0_log.out", tmp_path / "rm" / "metrics.jsonl"
+
+    def rows(split: str) -> list:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        return [row for row in map(json.loads, lines) if row["split"] == split]
+
+    def done():
+        e = manifest(tmp_path)["stages"].get("rm", {})
+        return e if e.get("status") in ("succeeded", "failed", "cancelled") else None
+
+    try:
+        # step 1 is trained (its row is written before its validation), its slow validation under way
+        wait_for(lambda: rows("train") and "validations take 2 s" in log.read_text(), 150, "rm's step 1", poll=0.2)
+        requeued_at = time.time()
+        subprocess.run(["scontrol", "requeue", jid], check=True, timeout=30)
+        entry = wait_for(done, 150, "rm finished after the requeue", poll=1)
+    except BaseException:  # leave no job behind to hold the node's CPUs for the tests after it
+        runs("cancel", str(tmp_path))
+        raise
+    text = log.read_text()
+    assert entry["status"] == "succeeded", (entry, text[-3000:])
+    assert entry["restarts"] == 1 and entry["job_ids"] == [jid], "the same job, restarted once"
+    attempt0, _, attempt1 = text.partition("[hook slowval] attempt 1")
+    assert attempt1, text[-3000:]
+    saved = re.search(r"preempted: checkpointed at step (\d+)", attempt0)
+    resumed = re.search(r"resumed from \S+ at step (\d+)", attempt1)
+    assert saved and resumed, "no checkpoint within KillWait, the restart began at step 0:\n" + text[-3000:]
+    note = entry.get("requeue_note", "")
+    assert "exited 75" in note and "requeued by Slurm" in note, entry
+    assert int(resumed.group(1)) == int(saved.group(1)) >= 1, "resumed from the checkpoint the requeue made"
+    assert "validation cut short by a signal" in attempt0 or "its validation runs after the resume" in attempt0
+    train, val = rows("train"), rows("val")
+    assert [row["step"] for row in train] == list(range(1, steps + 1)), "each step trained once, none lost"
+    assert train[0]["time"] < requeued_at, "step 1 is the first attempt's, not trained again"
+    assert [row["step"] for row in val] == list(range(1, steps + 1)), "the cut validation ran after the resume"
+    index = json.loads((tmp_path / "rm" / "checkpoints" / "index.json").read_text())["checkpoints"]
+    assert max(c["step"] for c in index) == steps
+    wait_for(lambda: sacct_state(jid) == "COMPLETED", 30, "the job COMPLETED")  # it ends after the manifest says so
+
+
 def test_a_job_that_dies_without_a_result_is_failed_with_its_log_tail(tmp_path):
     r = cli("stage=prep", f"run.dir={tmp_path}", *SLURM, "cluster.wait=true", *hook("die", "prep"), timeout=120)
     assert r.returncode == 1, r.stdout + r.stderr

@@ -6,6 +6,8 @@ them; these wrap the stage entry the runner calls, leaving the runner, the manif
   slow        sleep 120 s on the first attempt, no signal handler of its own (like prep), then the real stage
   checkpoint  a training loop with its own SIGUSR1/SIGTERM handler: saves a checkpoint, exits 75;
               on the next attempt it resumes from the checkpoint and finishes, then the real stage
+  slowval     the real stage (rm), whose validations on the first attempt take 2 s per micro-batch (a
+              validation longer than Slurm's KillWait); the loop's own stop polls are kept
   die         SIGKILL itself: the job ends without the stage recording anything
   rank1fails  instead of the stage: rank 1 exits 3, the other ranks wait (to be stopped by the launcher)
   exitcrash   instead of the stage: write a result, then rank 1 aborts in the interpreter's teardown
@@ -55,6 +57,22 @@ if _HOOK:
                     signal.signal(signal.SIGTERM, save_and_exit)
                     for state["step"] in range(1, 3000):
                         time.sleep(0.1)
+            elif _mode == "slowval" and attempt == 0:
+                import rm_training.trainer as _trainer
+
+                _evaluate = _trainer.RMTrainer.evaluate
+
+                def evaluate(self, ds, limit=1.0, should_stop=None):
+                    if should_stop is not None:  # a validation (the test split is evaluated without one)
+                        poll = should_stop
+
+                        def should_stop():
+                            time.sleep(2.0)
+                            return poll()
+                    return _evaluate(self, ds, limit, should_stop)
+
+                _trainer.RMTrainer.evaluate = evaluate
+                _say("validations take 2 s per micro-batch")
             elif _mode == "die":
                 os.kill(os.getpid(), signal.SIGKILL)
             elif _mode == "rank1fails":
