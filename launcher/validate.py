@@ -238,6 +238,13 @@ def _parallelism(cfg: DictConfig, stages: Sequence[str]) -> List[str]:
         for name in REGISTRY[stage].batches:
             node = OmegaConf.select(cfg, name)
             gbs, mbs = node.global_batch_size, node.micro_batch_size
+            # SFT's and DPO's packing fill micro-batches by tokens: micro_batch_size is not used there
+            if stage in ("sft", "dpo") and (OmegaConf.select(node, "packed_sequence", default=False) or
+                                            OmegaConf.select(node, "data.packing", default=False)):
+                if gbs < 1 or gbs % dp:
+                    out.append(f"{name}.global_batch_size={gbs} is not divisible by the data-parallel size {dp} "
+                               "(= nodes x processes per node / (tp x pp))")
+                continue
             if mbs < 1 or gbs < 1 or gbs % (mbs * dp):
                 out.append(f"{name}.global_batch_size={gbs} is not divisible by micro_batch_size={mbs} x "
                            f"data-parallel size {dp} (= nodes x processes per node / (tp x pp))")

@@ -179,3 +179,24 @@ def test_a_sweep_with_a_bad_point_is_refused_before_any_point_runs(tmp_path, swe
     assert expect in r.stderr and f"sweep point #1: {sweep.split('=')[0]}=" in r.stderr, r.stderr
     assert "sweep point #0" not in r.stderr and "Traceback" not in r.stderr + r.stdout
     assert not sweep_dir.exists() and not (tmp_path / "run").exists(), "a rejected sweep must not write anything"
+
+
+@pytest.mark.parametrize("stage, packed, gbs, mbs", [
+    ("sft", "sft.model.data.train_ds.packed_sequence", "sft.model.data.train_ds.global_batch_size",
+     "sft.model.data.train_ds.micro_batch_size"),
+    ("dpo", "dpo.model.data.packing", "dpo.model.global_batch_size", "dpo.model.micro_batch_size"),
+])
+def test_packed_sft_and_dpo_do_not_need_a_micro_batch_that_divides_the_global_batch(tmp_path, stage, packed, gbs,
+                                                                                    mbs):
+    """Packing fills micro-batches by tokens (micro_batch_size unused, as the presets say): 24 over 16 passes
+    packed, is refused unpacked, and the data-parallel split is still checked."""
+    from launcher.validate import _parallelism
+
+    def problems(*extra):
+        cfg = compose_cfg([f"run.dir={tmp_path}", f"{gbs}=24", f"{mbs}=16", *extra])
+        return [p for p in _parallelism(cfg, ["prep", stage]) if gbs in p]
+    assert problems(f"{packed}=true") == []
+    assert "is not divisible by micro_batch_size=16" in " ".join(problems(f"{packed}=false"))
+    assert "not divisible by the data-parallel size 5" in " ".join(
+        problems(f"{packed}=true", "cluster.processes_per_node=5", "cluster.gpus_per_node=5",
+                 f"{stage}.trainer.devices=5"))
