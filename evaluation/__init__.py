@@ -33,13 +33,22 @@ def run(cfg) -> dict:
     if int(os.environ.get("RANK", "0")) != 0:
         return {}
     ev = eval_config(cfg.eval)
+    pe = ev.policy
+    if not ev.rm.enabled and not (pe.enabled and pe.restore_from_path):
+        raise ValueError("stage eval has nothing to evaluate: eval.rm.enabled=false, and no policy (eval.policy."
+                         + ("enabled=false" if not pe.enabled else "restore_from_path is null and this run's manifest "
+                            "records no ppo .nemo: run stage ppo first, or set it to a policy .nemo / HF folder"))
     out = {}
     if ev.rm.enabled:
         out.update(evaluate_reward_model(ev.rm, cfg.run.stage_dir, cfg.data.get("prompt_format", "nemo")))
-    pe = ev.policy
     if pe.enabled and pe.restore_from_path:
         from evaluation.policy_eval import evaluate_policy
 
+        if pe.end_strings is None:  # the ends the policy was trained with
+            from omegaconf import OmegaConf
+
+            ppo_ends = OmegaConf.select(cfg, "ppo.model.ppo.sampling_params.end_strings", default=None)
+            pe.end_strings = list(ppo_ends) if ppo_ends is not None else None
         reference = pe.reference_path or cfg.model.restore_from_path
         if not reference:
             log.warning("policy eval skipped: no reference (eval.policy.reference_path, or model.restore_from_path: "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 
 @dataclass
@@ -43,6 +43,9 @@ class PolicyEvalConfig:
     top_p: float = 1.0
     micro_batch_size: int = 8
     seed: int = 1234
+    # what ends a response; null = ppo.model.ppo.sampling_params.end_strings, and where that is null too,
+    # PPO's default: the tokenizer's EOS and end-of-turn tokens and the prompt format's next turn
+    end_strings: Optional[List[str]] = None
 
 
 @dataclass

@@ -33,16 +33,20 @@ def read_prompts(path: str, limit: int) -> List[str]:
 
 
 @torch.no_grad()
-def sampled(model, prompts: List[List[int]], pe: PolicyEvalConfig, eos_id: int, pad_id: int, seed: int):
+def sampled(model, prompts: List[List[int]], pe: PolicyEvalConfig, end, eos_id: int, pad_id: int, seed: int):
+    """(tokens, prompt length, ended) per prompt; a response ends where PPO's rollouts end (`end`, a
+    ppo.rollout.EndCondition) or after pe.max_length tokens."""
     from modeling import clear_generation_state, generate
 
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     rows = []
     for s in range(0, len(prompts), pe.micro_batch_size):
         out = generate(model, prompts[s: s + pe.micro_batch_size], max_length=pe.max_length, temperature=pe.temperature,
-                       top_k=pe.top_k, top_p=pe.top_p, greedy=pe.greedy, eos_id=eos_id, pad_id=pad_id, generator=g)
-        for row, n, p in zip(out.tokens.tolist(), out.lengths.tolist(), out.prompt_lengths.tolist()):
-            rows.append((row[:n], p))
+                       top_k=pe.top_k, top_p=pe.top_p, greedy=pe.greedy, end_token_ids=end.token_ids, eos_id=eos_id,
+                       end_strings=end.strings, detokenize=end.detokenize, pad_id=pad_id, generator=g)
+        for row, n, p, e in zip(out.tokens.tolist(), out.lengths.tolist(), out.prompt_lengths.tolist(),
+                                out.ended.tolist()):
+            rows.append((row[:n], p, bool(e)))
     clear_generation_state(model)
     return rows
 
@@ -54,12 +58,12 @@ def response_logprob(model, rows, pad_id: int, micro_batch_size: int) -> np.ndar
     out = []
     for s in range(0, len(rows), micro_batch_size):
         part = rows[s: s + micro_batch_size]
-        width = max(len(r) for r, _ in part)
+        width = max(len(r) for r, *_ in part)
         ids = torch.full((len(part), width), pad_id, dtype=torch.long)
-        for i, (r, _) in enumerate(part):
+        for i, (r, *_) in enumerate(part):
             ids[i, : len(r)] = torch.tensor(r)
         lp = model(ids.to(dev)).float().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None].to(dev)).squeeze(-1).cpu()
-        for i, (r, p) in enumerate(part):
+        for i, (r, p, *_) in enumerate(part):
             out.append(float(lp[i, p - 1: len(r) - 1].sum()))
     return np.array(out)
 
@@ -69,7 +73,7 @@ def rewards(rm, rows, pad_id: int, micro_batch_size: int) -> np.ndarray:
     dev = next(rm.parameters()).device
     out = []
     for s in range(0, len(rows), micro_batch_size):
-        part = [r for r, _ in rows[s: s + micro_batch_size]]
+        part = [r for r, *_ in rows[s: s + micro_batch_size]]
         ids = torch.full((len(part), max(map(len, part))), pad_id, dtype=torch.long)
         for i, r in enumerate(part):
             ids[i, : len(r)] = torch.tensor(r)
@@ -77,9 +81,9 @@ def rewards(rm, rows, pad_id: int, micro_batch_size: int) -> np.ndarray:
     return np.array(out)
 
 
-def _stats(name, rows, r, eos_id, max_length) -> Dict[str, float]:
-    n = np.array([len(x) - p for x, p in rows])
-    cut = np.array([len(x) - p >= max_length and x[-1] != eos_id for x, p in rows])
+def _stats(name, rows, r) -> Dict[str, float]:
+    n = np.array([len(x) - p for x, p, _ in rows])
+    cut = np.array([not ended for *_, ended in rows])
     return {f"{name}_reward_mean": float(r.mean()), f"{name}_reward_std": float(r.std()),
             f"{name}_length_mean": float(n.mean()), f"{name}_cut_at_max_length": float(cut.mean())}
 
@@ -87,6 +91,7 @@ def _stats(name, rows, r, eos_id, max_length) -> Dict[str, float]:
 def evaluate_policy(pe: PolicyEvalConfig, reference: str, reward_model: str, stage_dir: str) -> Dict[str, str]:
     from data_prep.tokenizers import load_tokenizer
     from modeling import load_pretrained
+    from ppo.rollout import EndCondition
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prompts_path = pe.prompts.get(pe.split) if isinstance(pe.prompts, dict) else pe.prompts
@@ -98,8 +103,11 @@ def evaluate_policy(pe: PolicyEvalConfig, reference: str, reward_model: str, sta
     ids = [tok.encode(t) for t in texts]
     policy = load_pretrained(pe.restore_from_path, dtype=torch.float32, device=device).eval()
     ref = load_pretrained(reference, dtype=torch.float32, device=device).eval()
-    pol_rows = sampled(policy, ids, pe, tok.eos_id, tok.pad_id, pe.seed)
-    ref_rows = sampled(ref, ids, pe, tok.eos_id, tok.pad_id, pe.seed)
+    end = EndCondition(tok, pe.end_strings)
+    log.info("responses end at %s (eval.policy.end_strings%s) or after %d tokens", end.end_strings,
+             ": null = the tokenizer's and the prompt format's" if pe.end_strings is None else "", pe.max_length)
+    pol_rows = sampled(policy, ids, pe, end, tok.eos_id, tok.pad_id, pe.seed)
+    ref_rows = sampled(ref, ids, pe, end, tok.eos_id, tok.pad_id, pe.seed)
     kl = response_logprob(policy, pol_rows, tok.pad_id, pe.micro_batch_size) - \
         response_logprob(ref, pol_rows, tok.pad_id, pe.micro_batch_size)
     del policy, ref
@@ -108,13 +116,13 @@ def evaluate_policy(pe: PolicyEvalConfig, reference: str, reward_model: str, sta
     metrics = {"policy": pe.restore_from_path, "reference": reference, "reward_model": reward_model,
                "prompts": len(ids), "win_rate": float(np.where(rp > rr, 1.0, np.where(rp == rr, 0.5, 0.0)).mean()),
                "kl_mean": float(kl.mean()), "kl_std": float(kl.std()),
-               **_stats("policy", pol_rows, rp, tok.eos_id, pe.max_length),
-               **_stats("reference", ref_rows, rr, tok.eos_id, pe.max_length)}
+               "end_strings": end.end_strings,
+               **_stats("policy", pol_rows, rp), **_stats("reference", ref_rows, rr)}
     mpath = os.path.join(stage_dir, "policy_metrics.json")
     write_json(mpath, metrics)
     spath = os.path.join(stage_dir, "policy_samples.jsonl")
     with atomic_write(spath) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for t, (a, pa), (b, pb), x, y, k in zip(texts, pol_rows, ref_rows, rp, rr, kl):
+        for t, (a, pa, _), (b, pb, _), x, y, k in zip(texts, pol_rows, ref_rows, rp, rr, kl):
             f.write(json.dumps({"prompt": t, "policy": tok.decode(a[pa:]), "reference": tok.decode(b[pb:]),
                                 "reward_policy": round(float(x), 6), "reward_reference": round(float(y), 6),
                                 "kl": round(float(k), 6)}) + "\n")

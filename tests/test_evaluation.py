@@ -169,3 +169,35 @@ def test_policy_eval_against_its_reference(run, tmp_path):
     assert 0 <= diff["win_rate"] <= 1 and 0 <= diff["policy_cut_at_max_length"] <= 1
     assert diff["policy_length_mean"] <= 16 and "win rate" in r.stdout
     assert (run / "eval" / "policy_rewards.png").exists()
+
+
+def test_policy_eval_responses_end_where_ppo_rollouts_end(run, tmp_path):
+    """eval.policy stops a response at PPO's end condition (end tokens and end strings), not only at
+    EOS: a response that ends reports ended, one that runs on is cut at max_length and counted."""
+    import torch
+
+    from data_prep.tokenizers import load_tokenizer
+    from evaluation.config import PolicyEvalConfig
+    from evaluation.policy_eval import _stats, sampled
+    from modeling import load_pretrained
+    from ppo.rollout import EndCondition
+
+    tok = load_tokenizer(str(run / "prep" / "tokenizer.model"))
+    model = load_pretrained(_tiny_policy(run, tmp_path / "p.nemo", 1, peaked=True), dtype=torch.float32).eval()
+    prompts = [tok.encode(t) for t in ("Human: hello there", "Human: what is a cat", "Human: tell me more")]
+    pe = PolicyEvalConfig(max_length=12, micro_batch_size=3)
+    free = sampled(model, prompts, pe, EndCondition(tok, []), tok.eos_id, tok.pad_id, seed=7)
+    assert all(len(r) - p == 12 and not ended for r, p, ended in free if tok.eos_id not in r[p:])
+    third = tok.decode(free[0][0][free[0][1] + 2: free[0][1] + 3])  # row 0's third response token, as text
+    stop = sampled(model, prompts, pe, EndCondition(tok, [third]), tok.eos_id, tok.pad_id, seed=7)
+    r, p, ended = stop[0]
+    assert ended and len(r) - p <= 3 and r == free[0][0][:len(r)]
+    stats = _stats("policy", stop, np.zeros(3))
+    assert stats["policy_cut_at_max_length"] == np.mean([not e for *_, e in stop]) < 1
+
+
+def test_eval_with_nothing_to_evaluate_says_so(run):
+    """eval.rm.enabled=false and no policy: a failed stage that says what is missing, not an empty success."""
+    r = cli("stage=eval", f"run.dir={run}", "eval.rm.enabled=false", "force=true")
+    assert r.returncode != 0
+    assert "nothing to evaluate" in r.stdout + r.stderr and "eval.policy" in r.stdout + r.stderr
