@@ -13,8 +13,10 @@ whatever the writer used for the temporary file (mkstemp makes 0600).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 from typing import Any, Iterator
 
 
@@ -44,12 +46,33 @@ def atomic_write(path: str) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     tmp = tmp_path(path)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            raise _disk_full(e, path, parent) or e
         fix_mode(tmp)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+LOW_DISK = 2 ** 30  # below this much free space, a failed write is reported as the full disk it most likely is
+
+
+def _disk_full(e: BaseException, path: str, parent: str):
+    """An OSError that says the disk is full (where, how much is left, what to do), or None."""
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        return None
+    if not (isinstance(e, OSError) and e.errno == errno.ENOSPC) and free >= LOW_DISK:
+        return None
+    err = OSError(errno.ENOSPC, f"writing {path} failed ({type(e).__name__}: {str(e)[:200]}): the disk holding "
+                                f"{parent} has {free / 2**20:.0f} MiB free. Free space there (old runs, checkpoints) "
+                                "or point run.dir at a larger disk, then run the same command again")
+    err.__cause__ = e
+    return err
 
 
 def write_text(path: str, text: str) -> str:

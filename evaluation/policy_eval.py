@@ -35,7 +35,7 @@ def read_prompts(path: str, limit: int) -> List[str]:
 @torch.no_grad()
 def sampled(model, prompts: List[List[int]], pe: PolicyEvalConfig, end, eos_id: int, pad_id: int, seed: int):
     """(tokens, prompt length, ended) per prompt; a response ends where PPO's rollouts end (`end`, a
-    ppo.rollout.EndCondition) or after pe.max_length tokens."""
+    modeling.ends.EndCondition) or after pe.max_length tokens."""
     from modeling import clear_generation_state, generate
 
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
@@ -91,7 +91,7 @@ def _stats(name, rows, r) -> Dict[str, float]:
 def evaluate_policy(pe: PolicyEvalConfig, reference: str, reward_model: str, stage_dir: str) -> Dict[str, str]:
     from data_prep.tokenizers import load_tokenizer
     from modeling import load_pretrained
-    from ppo.rollout import EndCondition
+    from modeling.ends import EndCondition
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prompts_path = pe.prompts.get(pe.split) if isinstance(pe.prompts, dict) else pe.prompts

@@ -362,3 +362,37 @@ def test_stages_import_engine_never_each_other():
     assert "ppo" not in imports("rm_training") and "rm_training" not in imports("ppo")
     assert not imports("engine") & {"rm_training", "ppo", "launcher", "data_prep", "evaluation", "modeling"}
     assert "rm_training" not in imports("evaluation") and "ppo" not in imports("evaluation")
+
+
+def test_a_write_that_fails_on_a_full_disk_says_so_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """torch.save on a full disk raised 'basic_ios::clear: iostream error' at the end of a 40-step PPO run
+    (H200, 64 GiB disk): atomic_write now names the file, the disk's free space and what to do, leaves
+    the previous file whole and no temporary behind. The disk's fill level is the one thing faked."""
+    import collections
+    import errno
+    import shutil
+
+    from engine import io
+
+    target = tmp_path / "ckpt.pt"
+    target.write_text("the previous checkpoint")
+
+    def fails(exc):
+        with pytest.raises(OSError) as e:
+            with io.atomic_write(str(target)) as tmp:
+                open(tmp, "w").write("half a checkpoint")
+                raise exc
+        return e.value
+
+    e = fails(OSError(errno.ENOSPC, "No space left on device"))
+    assert e.errno == errno.ENOSPC and str(target) in str(e) and "MiB free" in str(e) and "run.dir" in str(e)
+    assert target.read_text() == "the previous checkpoint" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+    Usage = collections.namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(64 << 30, (64 << 30) - (5 << 20), 5 << 20))
+    e = fails(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 230230208 vs 230230096"))
+    assert e.errno == errno.ENOSPC and "has 5 MiB free" in str(e) and "unexpected pos" in str(e)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(64 << 30, 0, 60 << 30))
+    with pytest.raises(RuntimeError, match="a bug, not the disk"):
+        with io.atomic_write(str(target)) as tmp:
+            raise RuntimeError("a bug, not the disk")
+    assert target.read_text() == "the previous checkpoint"

@@ -180,7 +180,7 @@ def test_policy_eval_responses_end_where_ppo_rollouts_end(run, tmp_path):
     from evaluation.config import PolicyEvalConfig
     from evaluation.policy_eval import _stats, sampled
     from modeling import load_pretrained
-    from ppo.rollout import EndCondition
+    from modeling.ends import EndCondition
 
     tok = load_tokenizer(str(run / "prep" / "tokenizer.model"))
     model = load_pretrained(_tiny_policy(run, tmp_path / "p.nemo", 1, peaked=True), dtype=torch.float32).eval()
