@@ -22,7 +22,11 @@ class RewardEvalConfig:
     template: Optional[str] = None
     max_pairs: Optional[int] = None  # null = all
     seq_length: Optional[int] = None  # null = the reward model's encoder_seq_length; longer pairs are skipped and counted
-    micro_batch_size: int = 16  # sequences per forward (sorted by length: little padding)
+    micro_batch_size: int = 16  # sequences per forward (sorted by length: little padding), when not packed
+    # packed scoring: sequences end to end in rows of at most packed_tokens tokens (block-diagonal attention,
+    # no padding), the rm stage's packed forward. auto = on a GPU (the CPU's explicit mask costs T^2)
+    packing: str = "auto"  # auto | true | false
+    packed_tokens: int = 32768
     bootstrap_samples: int = 1000  # for the 95% interval of each accuracy
     seed: int = 1234
     precision: str = "bf16"  # on a GPU; the CPU computes in fp32

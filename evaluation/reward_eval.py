@@ -74,6 +74,39 @@ def score(model, seqs: List[List[int]], micro_batch_size: int, pad_id: int, devi
     return out
 
 
+@torch.no_grad()
+def score_packed(model, seqs: List[List[int]], packed_tokens: int, pad_id: int, device, amp,
+                 backend: str = "auto") -> np.ndarray:
+    """Rewards of `seqs` scored packed: longest first, laid end to end into rows of at most
+    `packed_tokens` tokens (a longer sequence gets a row of its own), each row one forward with
+    block-diagonal causal attention and the reward read at each sequence's last token."""
+    from modeling.layers import pack_documents
+
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    rows, cur, n = [], [], 0
+    for i in order:
+        if cur and n + len(seqs[i]) > packed_tokens:
+            rows.append(cur)
+            cur, n = [], 0
+        cur.append(i)
+        n += len(seqs[i])
+    if cur:
+        rows.append(cur)
+    out = np.empty(len(seqs), dtype=np.float64)
+    for row in rows:
+        lens = [len(seqs[i]) for i in row]
+        real = sum(lens)
+        width = -(-real // 128) * 128
+        ids = torch.full((1, width), pad_id, dtype=torch.long)
+        ids[0, :real] = torch.tensor([t for i in row for t in seqs[i]])
+        docs = pack_documents(torch.tensor(lens + ([width - real] if width > real else [])), (1, width), backend,
+                              device, real=len(row))
+        with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
+            r = model(ids.to(device), documents=docs)
+        out[row] = r.float().cpu().numpy()
+    return out
+
+
 def evaluate_reward_model(ev: RewardEvalConfig, stage_dir: str, prompt_format: str = "nemo") -> Dict[str, str]:
     from modeling import compute_dtype, load_pretrained
 
@@ -90,8 +123,14 @@ def evaluate_reward_model(ev: RewardEvalConfig, stage_dir: str, prompt_format: s
     if not has_reward_head(ev.restore_from_path):
         raise ValueError(f"{ev.restore_from_path}: no reward head (model.rm_head.*); evaluate a trained reward model")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_pretrained(ev.restore_from_path, head="reward", dtype=torch.float32, device=device).eval()
+    if ev.packing not in ("auto", "true", "false", True, False):
+        raise ValueError(f"eval.rm.packing={ev.packing!r}: expected auto | true | false")
+    packed = device.type == "cuda" if ev.packing == "auto" else ev.packing in ("true", True)
+    model = load_pretrained(ev.restore_from_path, head="reward", dtype=torch.float32, device=device)
     amp = compute_dtype(model.config, device) if ev.precision == "bf16" else torch.float32
+    if amp != torch.float32:  # scoring only: bf16 weights, no per-matmul cast of fp32 ones (the head stays fp32)
+        model = model.to(amp)
+    model = model.eval()
     amp = amp if amp != torch.float32 else None
     tok = reward_tokenizer(ev.restore_from_path, stage_dir)
     seq_length = ev.seq_length or model.config.encoder_seq_length
@@ -101,7 +140,11 @@ def evaluate_reward_model(ev: RewardEvalConfig, stage_dir: str, prompt_format: s
     if not pairs:
         raise ValueError(f"{data}: no usable pairs ({drops.to_dict()['by_reason']})")
     t0 = time.perf_counter()
-    r = score(model, [s for p in pairs for s in (p.chosen, p.rejected)], ev.micro_batch_size, tok.pad_id, device, amp)
+    seqs = [s for p in pairs for s in (p.chosen, p.rejected)]
+    if packed:
+        r = score_packed(model, seqs, ev.packed_tokens, tok.pad_id, device, amp)
+    else:
+        r = score(model, seqs, ev.micro_batch_size, tok.pad_id, device, amp)
     elapsed = time.perf_counter() - t0
     chosen, rejected = r[0::2], r[1::2]
     len_c = np.array([len(p.chosen) for p in pairs])
@@ -118,7 +161,7 @@ def evaluate_reward_model(ev: RewardEvalConfig, stage_dir: str, prompt_format: s
                "rewards": {"chosen_mean": float(chosen.mean()), "chosen_std": float(chosen.std()),
                            "rejected_mean": float(rejected.mean()), "rejected_std": float(rejected.std())},
                "skipped": drops.to_dict(), "pairs_per_s": round(len(pairs) / max(elapsed, 1e-9), 2),
-               "device": str(device)}
+               "device": str(device), "packed": packed}
     metrics_path = os.path.join(stage_dir, "rm_metrics.json")
     write_json(metrics_path, metrics)
     plot_path = plot(results, chosen, rejected, os.path.join(stage_dir, "rm_eval.png"),

@@ -201,3 +201,28 @@ def test_eval_with_nothing_to_evaluate_says_so(run):
     r = cli("stage=eval", f"run.dir={run}", "eval.rm.enabled=false", "force=true")
     assert r.returncode != 0
     assert "nothing to evaluate" in r.stdout + r.stderr and "eval.policy" in r.stdout + r.stderr
+
+
+def test_packed_scoring_gives_the_padded_rewards(run, tmp_path):
+    """eval.rm.packing (auto = on a GPU): sequences end to end in rows of packed_tokens, block-diagonal
+    attention. On the CPU's explicit mask it gives the rewards of padded micro-batches, pair for pair
+    (80 sequences in rows of at most 300 tokens: several to a row)."""
+    from evaluation.config import RewardEvalConfig
+    from evaluation.reward_eval import evaluate_reward_model
+
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    nemo, prefix = stages["rm"]["artifacts"]["nemo"], stages["prep"]["artifacts"]["data_prefix"]
+    out = {}
+    for packing in ("false", "true"):
+        ev = RewardEvalConfig(restore_from_path=nemo, data_prefix=prefix, max_pairs=40, packing=packing,
+                              packed_tokens=300, precision="fp32", bootstrap_samples=10)
+        d = tmp_path / packing
+        evaluate_reward_model(ev, str(d))
+        metrics = json.loads((d / "rm_metrics.json").read_text())
+        assert metrics["packed"] == (packing == "true")
+        out[packing] = [json.loads(line) for line in open(d / "rm_rewards.jsonl")]
+    assert len(out["true"]) == len(out["false"]) == 40
+    for a, b in zip(out["false"], out["true"]):
+        assert (a["line"], a["subset"]) == (b["line"], b["subset"])
+        assert b["reward_chosen"] == pytest.approx(a["reward_chosen"], abs=2e-4)
+        assert b["reward_rejected"] == pytest.approx(a["reward_rejected"], abs=2e-4)
