@@ -44,11 +44,13 @@ def run(cfg) -> dict:
     if pe.enabled and pe.restore_from_path:
         from evaluation.policy_eval import evaluate_policy
 
-        if pe.end_strings is None:  # the ends the policy was trained with
-            from omegaconf import OmegaConf
+        from omegaconf import OmegaConf
 
+        if pe.end_strings is None:  # the ends the policy was trained with
             ppo_ends = OmegaConf.select(cfg, "ppo.model.ppo.sampling_params.end_strings", default=None)
             pe.end_strings = list(ppo_ends) if ppo_ends is not None else None
+        if pe.min_length is None:  # and the minimum length it was trained under
+            pe.min_length = int(OmegaConf.select(cfg, "ppo.model.ppo.length_params.min_length", default=0) or 0)
         reference = pe.reference_path or cfg.model.restore_from_path
         if not reference:
             log.warning("policy eval skipped: no reference (eval.policy.reference_path, or model.restore_from_path: "

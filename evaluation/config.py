@@ -41,6 +41,10 @@ class PolicyEvalConfig:
     split: str = "test"
     max_prompts: int = 64
     max_length: int = 64  # new tokens per response (NeMo's length_params.max_length)
+    # no response ends before this many tokens (NeMo's length_params.min_length); null = the one PPO trained
+    # with (ppo.model.ppo.length_params.min_length). A policy trained under a minimum learns nothing about
+    # ending before it: scored without it (0), it may answer with nothing at all
+    min_length: Optional[int] = None
     greedy: bool = False
     temperature: float = 1.0
     top_k: int = 0

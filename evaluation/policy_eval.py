@@ -35,13 +35,14 @@ def read_prompts(path: str, limit: int) -> List[str]:
 @torch.no_grad()
 def sampled(model, prompts: List[List[int]], pe: PolicyEvalConfig, end, eos_id: int, pad_id: int, seed: int):
     """(tokens, prompt length, ended) per prompt; a response ends where PPO's rollouts end (`end`, a
-    modeling.ends.EndCondition) or after pe.max_length tokens."""
+    modeling.ends.EndCondition), never before pe.min_length tokens, or after pe.max_length tokens."""
     from modeling import clear_generation_state, generate
 
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     rows = []
     for s in range(0, len(prompts), pe.micro_batch_size):
-        out = generate(model, prompts[s: s + pe.micro_batch_size], max_length=pe.max_length, temperature=pe.temperature,
+        out = generate(model, prompts[s: s + pe.micro_batch_size], max_length=pe.max_length,
+                       min_length=pe.min_length or 0, temperature=pe.temperature,
                        top_k=pe.top_k, top_p=pe.top_p, greedy=pe.greedy, end_token_ids=end.token_ids, eos_id=eos_id,
                        end_strings=end.strings, detokenize=end.detokenize, pad_id=pad_id, generator=g)
         for row, n, p, e in zip(out.tokens.tolist(), out.lengths.tolist(), out.prompt_lengths.tolist(),
@@ -81,11 +82,26 @@ def rewards(rm, rows, pad_id: int, micro_batch_size: int) -> np.ndarray:
     return np.array(out)
 
 
-def _stats(name, rows, r) -> Dict[str, float]:
+def empty(tok, end, rows) -> np.ndarray:
+    """Per row: the response says nothing (only end tokens, end strings and white space)."""
+    out = []
+    for x, p, _ in rows:
+        text = tok.decode([t for t in x[p:] if t not in end.token_ids and t != tok.eos_id])
+        for s in end.end_strings:
+            text = text.replace(s, "")
+        out.append(not text.strip())
+    return np.array(out, dtype=bool)
+
+
+def _stats(name, rows, r, silent=None) -> Dict[str, float]:
     n = np.array([len(x) - p for x, p, _ in rows])
     cut = np.array([not ended for *_, ended in rows])
-    return {f"{name}_reward_mean": float(r.mean()), f"{name}_reward_std": float(r.std()),
-            f"{name}_length_mean": float(n.mean()), f"{name}_cut_at_max_length": float(cut.mean())}
+    out = {f"{name}_reward_mean": float(r.mean()), f"{name}_reward_std": float(r.std()),
+           f"{name}_length_mean": float(n.mean()), f"{name}_cut_at_max_length": float(cut.mean())}
+    if silent is not None:
+        out[f"{name}_empty"] = float(silent.mean())
+        out[f"{name}_empty_reward_mean"] = float(r[silent].mean()) if silent.any() else None
+    return out
 
 
 def evaluate_policy(pe: PolicyEvalConfig, reference: str, reward_model: str, stage_dir: str) -> Dict[str, str]:
@@ -104,8 +120,9 @@ def evaluate_policy(pe: PolicyEvalConfig, reference: str, reward_model: str, sta
     policy = load_pretrained(pe.restore_from_path, dtype=torch.float32, device=device).eval()
     ref = load_pretrained(reference, dtype=torch.float32, device=device).eval()
     end = EndCondition(tok, pe.end_strings)
-    log.info("responses end at %s (eval.policy.end_strings%s) or after %d tokens", end.end_strings,
-             ": null = the tokenizer's and the prompt format's" if pe.end_strings is None else "", pe.max_length)
+    log.info("responses end at %s (eval.policy.end_strings%s), not before %d tokens (eval.policy.min_length), "
+             "or after %d tokens", end.end_strings, ": null = the tokenizer's and the prompt format's"
+             if pe.end_strings is None else "", pe.min_length or 0, pe.max_length)
     pol_rows = sampled(policy, ids, pe, end, tok.eos_id, tok.pad_id, pe.seed)
     ref_rows = sampled(ref, ids, pe, end, tok.eos_id, tok.pad_id, pe.seed)
     kl = response_logprob(policy, pol_rows, tok.pad_id, pe.micro_batch_size) - \
@@ -116,8 +133,9 @@ def evaluate_policy(pe: PolicyEvalConfig, reference: str, reward_model: str, sta
     metrics = {"policy": pe.restore_from_path, "reference": reference, "reward_model": reward_model,
                "prompts": len(ids), "win_rate": float(np.where(rp > rr, 1.0, np.where(rp == rr, 0.5, 0.0)).mean()),
                "kl_mean": float(kl.mean()), "kl_std": float(kl.std()),
-               "end_strings": end.end_strings,
-               **_stats("policy", pol_rows, rp), **_stats("reference", ref_rows, rr)}
+               "end_strings": end.end_strings, "min_length": pe.min_length or 0, "max_length": pe.max_length,
+               **_stats("policy", pol_rows, rp, empty(tok, end, pol_rows)),
+               **_stats("reference", ref_rows, rr, empty(tok, end, ref_rows))}
     mpath = os.path.join(stage_dir, "policy_metrics.json")
     write_json(mpath, metrics)
     spath = os.path.join(stage_dir, "policy_samples.jsonl")
@@ -132,6 +150,12 @@ def evaluate_policy(pe: PolicyEvalConfig, reference: str, reward_model: str, sta
              metrics["policy_reward_std"], metrics["reference_reward_mean"], metrics["reference_reward_std"],
              metrics["win_rate"], metrics["kl_mean"], metrics["policy_length_mean"], metrics["reference_length_mean"],
              metrics["policy_cut_at_max_length"], metrics["reference_cut_at_max_length"])
+    if metrics["policy_empty"] > max(0.1, 2 * metrics["reference_empty"]):
+        log.warning("the policy answers %.0f%% of the prompts with nothing (the reference %.0f%%), and the reward model "
+                    "scores those empty answers %.3f on average (the reference's answers: %.3f): the policy has learnt "
+                    "to exploit the reward model, not to answer (see %s). A reward model that pays for brevity (its "
+                    "eval's longer_wins_accuracy well under 0.5) invites it; a PPO min_length only hides it", 100 * metrics["policy_empty"], 100 * metrics["reference_empty"],
+                    metrics["policy_empty_reward_mean"], metrics["reference_reward_mean"], spath)
     return {"policy_metrics": mpath, "policy_samples": spath, "policy_plot": ppath}
 
 

@@ -153,7 +153,7 @@ def test_policy_eval_against_its_reference(run, tmp_path):
     ref = _tiny_policy(run, tmp_path / "ref.nemo", 0)
     other = _tiny_policy(run, tmp_path / "other.nemo", 1, peaked=True)
     common = [f"run.dir={run}", f"model.restore_from_path={ref}", "eval.rm.max_pairs=8",
-              "eval.policy.max_prompts=12", "eval.policy.max_length=16"]
+              "eval.policy.max_prompts=12", "eval.policy.max_length=16", "ppo.model.ppo.length_params.min_length=3"]
     r = cli("stage=eval", f"eval.policy.restore_from_path={ref}", *common)  # the policy is its own reference
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     same = json.loads((run / "eval" / "policy_metrics.json").read_text())
@@ -168,6 +168,9 @@ def test_policy_eval_against_its_reference(run, tmp_path):
     assert diff["policy_reward_mean"] != diff["reference_reward_mean"]
     assert 0 <= diff["win_rate"] <= 1 and 0 <= diff["policy_cut_at_max_length"] <= 1
     assert diff["policy_length_mean"] <= 16 and "win rate" in r.stdout
+    # responses are held to the minimum PPO trained under (eval.policy.min_length null = PPO's)
+    assert diff["min_length"] == 3 and diff["policy_length_mean"] >= 3 and diff["reference_length_mean"] >= 3
+    assert 0 <= diff["policy_empty"] <= 1
     assert (run / "eval" / "policy_rewards.png").exists()
 
 
@@ -194,6 +197,27 @@ def test_policy_eval_responses_end_where_ppo_rollouts_end(run, tmp_path):
     assert ended and len(r) - p <= 3 and r == free[0][0][:len(r)]
     stats = _stats("policy", stop, np.zeros(3))
     assert stats["policy_cut_at_max_length"] == np.mean([not e for *_, e in stop]) < 1
+    pe.min_length = 6  # no end before 6 tokens, the end string's included
+    held = sampled(model, prompts, pe, EndCondition(tok, [third]), tok.eos_id, tok.pad_id, seed=7)
+    assert all(len(r) - p >= 6 for r, p, _ in held)
+
+
+def test_empty_answers_are_counted_and_their_reward_reported(run):
+    """A response of end tokens, end strings and white space says nothing: counted in {name}_empty, and the
+    reward model's mean for those rows reported (a policy that learnt to say nothing is exploiting it)."""
+    from data_prep.tokenizers import load_tokenizer
+    from evaluation.policy_eval import _stats, empty
+    from modeling.ends import EndCondition
+
+    tok = load_tokenizer(str(run / "prep" / "tokenizer.model"))
+    end = EndCondition(tok, None)
+    p = tok.encode("User: hi\n\nAssistant:")
+    rows = [(p + [tok.eos_id], len(p), True), (p + tok.encode(" \n\nUser:"), len(p), True),
+            (p + tok.encode(" Hello there."), len(p), False), (p, len(p), True)]
+    silent = empty(tok, end, rows)
+    assert silent.tolist() == [True, True, False, True]
+    stats = _stats("policy", rows, np.array([1.0, 2.0, -1.0, 3.0]), silent)
+    assert stats["policy_empty"] == 0.75 and stats["policy_empty_reward_mean"] == 2.0
 
 
 def test_eval_with_nothing_to_evaluate_says_so(run):
