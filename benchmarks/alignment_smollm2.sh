@@ -15,7 +15,8 @@ OUT=${OUT:-$W/out}
 HH=${HH:-.carry/harmless-base-test.jsonl.gz}
 LIMIT=${LIMIT:-540}                      # seconds this call may take before it returns
 X=${EXTRA:-}                             # extra overrides for every stage (a CPU rehearsal shortens runs)
-ev() { echo "eval.rm.enabled=false eval.rm.restore_from_path=$(nemo rm rm) eval.policy.max_prompts=${PROMPTS:-312} eval.policy.max_length=${MAXLEN:-256} eval.policy.micro_batch_size=${EVAL_MBS:-64}"; }
+# MINLEN: eval.policy.min_length for every eval (unset = PPO's; the 2026-12-03 table used 0, the older code)
+ev() { echo "eval.rm.enabled=false eval.rm.restore_from_path=$(nemo rm rm) eval.policy.max_prompts=${PROMPTS:-312} eval.policy.max_length=${MAXLEN:-256} eval.policy.micro_batch_size=${EVAL_MBS:-64} ${MINLEN:+eval.policy.min_length=$MINLEN}"; }
 K="experiment=smollm2_hh data.path=$W/hh $X"
 T0=$(date +%s)
 mkdir -p "$OUT" "$W"
