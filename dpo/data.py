@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from engine.packing import pack_balanced
+
 log = logging.getLogger(__name__)
 ASSISTANT = "\n\nAssistant:"
 
@@ -168,27 +170,7 @@ def rank_share(batch: np.ndarray, sizes: np.ndarray, dp: int, rank: int) -> np.n
     return b[owner == rank]
 
 
-def pack_pairs(indices: np.ndarray, pair_tokens: np.ndarray, packed_tokens: int) -> List[np.ndarray]:
-    """Whole pairs into the fewest rows of <= packed_tokens a balanced greedy packing finds."""
-    idx = np.asarray(indices)
-    if len(idx) == 0:
-        return []
-    order = idx[np.argsort(-pair_tokens[idx], kind="stable")]
-    big = [np.array([k]) for k in order if pair_tokens[k] > packed_tokens]
-    rest = [int(k) for k in order if pair_tokens[k] <= packed_tokens]
-    rows: List[List[int]] = []
-    if rest:
-        k = max(1, -(-int(pair_tokens[rest].sum()) // packed_tokens))
-        while True:
-            rows, fill = [[] for _ in range(k)], np.zeros(k, np.int64)
-            for p in rest:
-                j = int(np.argmin(fill))
-                rows[j].append(p)
-                fill[j] += pair_tokens[p]
-            if fill.max() <= packed_tokens or k >= len(rest):
-                break
-            k += 1
-    return big + [np.array(r, dtype=np.int64) for r in rows if r]
+pack_pairs = pack_balanced  # pairs whole, chosen and rejected in one row (engine/packing.py)
 
 
 @dataclass

@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -264,3 +265,25 @@ def _fmt(m: Dict[str, float], keys: Optional[tuple] = None) -> str:
     keys = keys or tuple(m)
     return "  ".join(f"{k} {m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float)) and not
                      (isinstance(m[k], float) and math.isnan(m[k])))
+
+
+def finish_policy_stage(loop: TrainingLoop, save, stage_dir: str, name: str, ckpt_dir: str, plot_keys: tuple,
+                        title: str, what: str) -> Dict[str, str]:
+    """The end of a stage that trains a policy (sft, dpo): rank 0 saves `{name}.nemo` through `save(path)`
+    (the stage's save_nemo with its tokenizer), plots the metrics and names the data report; every rank gets
+    the same artifacts back."""
+    from engine import distributed as D
+    from engine.io import fix_mode
+
+    result = {"metrics": loop.logger.path, "checkpoints": ckpt_dir}
+    if D.is_main():
+        nemo = os.path.join(stage_dir, f"{name}.nemo")
+        save(nemo)
+        fix_mode(nemo)
+        log.info("%s: %s", what, nemo)
+        result["nemo"] = nemo
+        result["plot"] = loop.logger.plot(plot_keys, title=title)
+        result["report"] = os.path.join(stage_dir, "data_report.json")
+    loop.logger.close()
+    D.barrier()
+    return D.broadcast_object(result)

@@ -154,8 +154,9 @@ def evaluate_policy(pe: PolicyEvalConfig, reference: str, reward_model: str, sta
         log.warning("the policy answers %.0f%% of the prompts with nothing (the reference %.0f%%), and the reward model "
                     "scores those empty answers %.3f on average (the reference's answers: %.3f): the policy has learnt "
                     "to exploit the reward model, not to answer (see %s). A reward model that pays for brevity (its "
-                    "eval's longer_wins_accuracy well under 0.5) invites it; a PPO min_length only hides it", 100 * metrics["policy_empty"], 100 * metrics["reference_empty"],
-                    metrics["policy_empty_reward_mean"], metrics["reference_reward_mean"], spath)
+                    "eval's longer_wins_accuracy well under 0.5) invites it; a PPO min_length only hides it",
+                    100 * metrics["policy_empty"], 100 * metrics["reference_empty"], metrics["policy_empty_reward_mean"],
+                    metrics["reference_reward_mean"], spath)
     return {"policy_metrics": mpath, "policy_samples": spath, "policy_plot": ppath}
 
 

@@ -77,21 +77,13 @@ def score(model, seqs: List[List[int]], micro_batch_size: int, pad_id: int, devi
 @torch.no_grad()
 def score_packed(model, seqs: List[List[int]], packed_tokens: int, pad_id: int, device, amp,
                  backend: str = "auto") -> np.ndarray:
-    """Rewards of `seqs` scored packed: longest first, laid end to end into rows of at most
-    `packed_tokens` tokens (a longer sequence gets a row of its own), each row one forward with
-    block-diagonal causal attention and the reward read at each sequence's last token."""
+    """Rewards of `seqs` scored packed: laid end to end into rows of at most `packed_tokens` tokens as the
+    training stages pack (engine.packing; a longer sequence gets a row of its own), each row one forward
+    with block-diagonal causal attention and the reward read at each sequence's last token."""
+    from engine.packing import pack_balanced
     from modeling.layers import pack_documents
 
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    rows, cur, n = [], [], 0
-    for i in order:
-        if cur and n + len(seqs[i]) > packed_tokens:
-            rows.append(cur)
-            cur, n = [], 0
-        cur.append(i)
-        n += len(seqs[i])
-    if cur:
-        rows.append(cur)
+    rows = [r.tolist() for r in pack_balanced(np.arange(len(seqs)), np.array([len(s) for s in seqs]), packed_tokens)]
     out = np.empty(len(seqs), dtype=np.float64)
     for row in rows:
         lens = [len(seqs[i]) for i in row]

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from data_prep.indexed import bin_path, read_index
+from engine.packing import pack_balanced
 
 log = logging.getLogger(__name__)
 
@@ -262,29 +263,7 @@ def collate(ds: PairDataset, indices: Sequence[int], pad_id: int, pad_to_multipl
 
 # --- sequence packing -------------------------------------------------------------------------
 
-def pack_pairs(indices: np.ndarray, pair_tokens: np.ndarray, packed_tokens: int) -> List[np.ndarray]:
-    """Cut pairs into the fewest micro-batches of at most `packed_tokens` tokens that a balanced
-    greedy packing finds (longest pair first into the least-filled bin; more bins until none
-    overflows). A pair longer than the budget gets a micro-batch of its own. Deterministic."""
-    idx = np.asarray(indices)
-    if len(idx) == 0:
-        return []
-    order = idx[np.argsort(-pair_tokens[idx], kind="stable")]
-    big = [np.array([k]) for k in order if pair_tokens[k] > packed_tokens]
-    rest = np.array([k for k in order if pair_tokens[k] <= packed_tokens], dtype=np.int64)
-    bins: List[List[int]] = []
-    if len(rest):
-        k = max(1, -(-int(pair_tokens[rest].sum()) // packed_tokens))
-        while True:
-            bins, fill = [[] for _ in range(k)], np.zeros(k, np.int64)
-            for p in rest:
-                j = int(np.argmin(fill))
-                bins[j].append(int(p))
-                fill[j] += pair_tokens[p]
-            if fill.max() <= packed_tokens or k >= len(rest):
-                break
-            k += 1
-    return big + [np.array(b, dtype=np.int64) for b in bins if b]
+pack_pairs = pack_balanced  # pairs whole, by pair_tokens (engine/packing.py)
 
 
 def packed_micro_batches(batch: np.ndarray, pair_tokens: np.ndarray, dp: int, rank: int,

@@ -30,6 +30,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from engine.packing import pack_balanced
+
 log = logging.getLogger(__name__)
 
 ASSISTANT = "\n\nAssistant:"
@@ -206,28 +208,7 @@ def rank_share(batch: np.ndarray, lengths: np.ndarray, dp: int, rank: int) -> np
     return b[owner == rank]
 
 
-def pack_samples(indices: np.ndarray, lengths: np.ndarray, packed_tokens: int) -> List[np.ndarray]:
-    """The fewest rows of at most `packed_tokens` tokens a balanced greedy packing finds (longest first
-    into the least-filled row); a sample longer than the budget gets a row of its own. Deterministic."""
-    idx = np.asarray(indices)
-    if len(idx) == 0:
-        return []
-    order = idx[np.argsort(-lengths[idx], kind="stable")]
-    big = [np.array([k]) for k in order if lengths[k] > packed_tokens]
-    rest = [int(k) for k in order if lengths[k] <= packed_tokens]
-    rows: List[List[int]] = []
-    if rest:
-        k = max(1, -(-int(lengths[rest].sum()) // packed_tokens))
-        while True:
-            rows, fill = [[] for _ in range(k)], np.zeros(k, np.int64)
-            for p in rest:
-                j = int(np.argmin(fill))
-                rows[j].append(p)
-                fill[j] += lengths[p]
-            if fill.max() <= packed_tokens or k >= len(rest):
-                break
-            k += 1
-    return big + [np.array(r, dtype=np.int64) for r in rows if r]
+pack_samples = pack_balanced  # samples, by their lengths (engine/packing.py)
 
 
 @dataclass

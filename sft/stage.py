@@ -19,8 +19,8 @@ import torch
 from engine import distributed as D
 from engine.checkpointing import CheckpointManager, seed_everything
 from engine.config import select, tokenizer_source, typed
-from engine.io import fix_mode, write_json
-from engine.loop import LoopConfig, TrainingLoop, run_length
+from engine.io import write_json
+from engine.loop import LoopConfig, TrainingLoop, finish_policy_stage, run_length
 from engine.precision import compute_dtype
 from engine.resume import prepare_checkpoint_dir, stage_identity
 
@@ -163,15 +163,6 @@ def run(cfg) -> Dict[str, str]:
         stage_dir=stage_dir, name="sft", checkpoints=manager, identity=identity, device=device)
     loop.run()
 
-    result = {"metrics": loop.logger.path, "checkpoints": ckpt_dir}
-    if D.is_main():
-        nemo = os.path.join(stage_dir, f"{sft.exp_manager.name}.nemo")
-        save_nemo(task.model, nemo, tokenizer_path=tok_file)
-        fix_mode(nemo)
-        log.info("fine-tuned policy: %s", nemo)
-        result["nemo"] = nemo
-        result["plot"] = loop.logger.plot(PLOT_KEYS, title=f"SFT ({model.config.name})")
-        result["report"] = os.path.join(stage_dir, "data_report.json")
-    loop.logger.close()
-    D.barrier()
-    return D.broadcast_object(result)
+    return finish_policy_stage(loop, lambda path: save_nemo(task.model, path, tokenizer_path=tok_file), stage_dir,
+                               sft.exp_manager.name, ckpt_dir, PLOT_KEYS,
+                               f"SFT ({model.config.name})", "fine-tuned policy")
