@@ -69,9 +69,11 @@ PPO="ppo.trainer.ppo.max_steps=$PPO_STEPS ppo.trainer.ppo.val_check_interval=0 p
   ppo.critic.optim.sched.warmup_steps=0 ppo.critic.optim.sched.constant_steps=0"
 run ppo_gae 100 stage=ppo $PPO
 summary $R/ppo "ppo GAE step (critic, 64 responses of 64 prompts)"
-[ -d $R/ppo ] && rm -rf $R/ppo_gae && mv $R/ppo $R/ppo_gae
+# a GPT-2B PPO checkpoint (actor + critic with their optimizer states) is ~40 GB: two fill a 64 GiB disk
+[ -d $R/ppo ] && rm -rf $R/ppo_gae $R/ppo/checkpoints && mv $R/ppo $R/ppo_gae
 run ppo_grpo 90 stage=ppo $PPO force=true ppo.model.ppo.advantage_estimator=grpo ppo.model.ppo.num_rollouts_per_prompt=4
 summary $R/ppo "ppo GRPO step (no critic, 64 responses: 16 prompts x 4)"
+rm -rf $R/ppo/checkpoints
 NEMO=$(ls $R/rm/checkpoints/*.nemo $R/rm/*.nemo 2>/dev/null | head -1)
 if [ -z "${SKIP_EXPORT:-}" ]; then
   { $PY - "$NEMO" "$OUT/export.log" <<'PY'

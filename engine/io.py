@@ -49,7 +49,7 @@ def atomic_write(path: str) -> Iterator[str]:
         try:
             yield tmp
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-            raise _disk_full(e, path, parent) or e
+            raise disk_full_error(e, path, parent) or e
         fix_mode(tmp)
         os.replace(tmp, path)
     finally:
@@ -60,7 +60,7 @@ def atomic_write(path: str) -> Iterator[str]:
 LOW_DISK = 2 ** 30  # below this much free space, a failed write is reported as the full disk it most likely is
 
 
-def _disk_full(e: BaseException, path: str, parent: str):
+def disk_full_error(e: BaseException, path: str, parent: str):
     """An OSError that says the disk is full (where, how much is left, what to do), or None."""
     try:
         free = shutil.disk_usage(parent).free

@@ -319,6 +319,10 @@ def write_nemo(path: str, config: Dict[str, Any], state_dict: Dict[str, "torch.T
                 with open(src, "rb") as f:
                     tar.addfile(_tarinfo("./" + name, os.path.getsize(src)), f)
         os.replace(tmp_tar, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        from engine.io import disk_full_error
+
+        raise disk_full_error(e, path, out_dir) or e
     finally:
         for p in (tmp_ckpt, tmp_tar):
             if os.path.exists(p):

@@ -391,6 +391,25 @@ def test_a_write_that_fails_on_a_full_disk_says_so_and_keeps_the_old_file(tmp_pa
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(64 << 30, (64 << 30) - (5 << 20), 5 << 20))
     e = fails(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 230230208 vs 230230096"))
     assert e.errno == errno.ENOSPC and "has 5 MiB free" in str(e) and "unexpected pos" in str(e)
+    # a .nemo (modeling.nemo_io.write_nemo: its own temporaries) says the same, and keeps the old one
+    import torch
+
+    from modeling.nemo_io import write_nemo
+
+    nemo = tmp_path / "policy.nemo"
+    nemo.write_text("the previous .nemo")
+
+    def torch_save_on_a_full_disk(obj, f, *a, **k):
+        open(f, "wb").write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 580748416 vs 580748304")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", torch_save_on_a_full_disk)
+        with pytest.raises(OSError) as e:
+            write_nemo(str(nemo), {"a": 1}, {"w": torch.zeros(2)})
+    assert e.value.errno == errno.ENOSPC and str(nemo) in str(e.value) and "has 5 MiB free" in str(e.value)
+    assert nemo.read_text() == "the previous .nemo" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt",
+                                                                                                       "policy.nemo"]
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(64 << 30, 0, 60 << 30))
     with pytest.raises(RuntimeError, match="a bug, not the disk"):
         with io.atomic_write(str(target)) as tmp:
