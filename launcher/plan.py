@@ -105,6 +105,20 @@ def resolve_inputs(cfg: DictConfig, stage: str, manifest: Manifest, this_run: Li
     return deferred, sorted(set(after)), problems
 
 
+def nothing_to_evaluate(cfg: DictConfig, deferred: Dict[str, str]) -> List[str]:
+    """stage eval with the reward model's eval off and no policy (none given, none recorded, none produced by
+    an earlier stage of this run) would do nothing: said before anything runs or is submitted."""
+    ev = cfg.eval
+    key = "eval.policy.restore_from_path"
+    policy = ev.policy.enabled and (ev.policy.restore_from_path or (key in deferred and
+                                                                     not deferred[key].startswith("NOT AVAILABLE")))
+    if ev.rm.enabled or policy:
+        return []
+    return ["stage eval has nothing to evaluate: eval.rm.enabled=false, and no policy (eval.policy."
+            + ("enabled=false" if not ev.policy.enabled else "restore_from_path is null and this run's manifest "
+               "records no ppo .nemo: run stage ppo first, or set it to a policy .nemo / HF folder") + ")"]
+
+
 def _explicit_inputs_exist(cfg: DictConfig, stage: str) -> List[str]:
     problems = []
     for inp in REGISTRY[stage].inputs:
@@ -157,6 +171,8 @@ def make_plan(cfg: DictConfig, stages: List[str], run_dir: Path, force: bool, dr
             (warn(msg) if dry_run else problems.append(msg))
         errs, notes = check_stage(scfg, stage, deferred)
         problems += errs
+        if stage == "eval":
+            problems += nothing_to_evaluate(scfg, deferred)
         known = {**(base.read()["stages"] if base else {}), **recorded}
         inputs, upstream = {}, {}
         for inp in spec.inputs:

@@ -221,10 +221,17 @@ def test_empty_answers_are_counted_and_their_reward_reported(run):
 
 
 def test_eval_with_nothing_to_evaluate_says_so(run):
-    """eval.rm.enabled=false and no policy: a failed stage that says what is missing, not an empty success."""
+    """eval.rm.enabled=false and no policy: refused before anything runs (or is submitted), saying what is
+    missing, not an empty success; a policy to evaluate makes the same request valid."""
+    before = (run / "manifest.json").read_text()
     r = cli("stage=eval", f"run.dir={run}", "eval.rm.enabled=false", "force=true")
-    assert r.returncode != 0
+    assert r.returncode != 0 and "invalid configuration" in r.stdout + r.stderr
     assert "nothing to evaluate" in r.stdout + r.stderr and "eval.policy" in r.stdout + r.stderr
+    assert (run / "manifest.json").read_text() == before  # no stage started
+    r = cli("stage=eval", f"run.dir={run}", "eval.rm.enabled=false", "eval.policy.enabled=false", "dry_run=true")
+    assert r.returncode != 0 and "eval.policy.enabled=false" in r.stdout + r.stderr
+    r = cli("stage=ppo,eval", f"run.dir={run}", "eval.rm.enabled=false", "dry_run=true")  # ppo will produce one
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
 
 def test_packed_scoring_gives_the_padded_rewards(run, tmp_path):
