@@ -53,6 +53,7 @@ import torch.distributed as dist
 
 from . import distributed as D
 from .checkpointing import CheckpointManager, load_state, rng_state, set_rng_state
+from .io import fix_mode
 from .metrics import MetricsLogger
 from .preemption import PREEMPTED_EXIT, PreemptionHandler
 from .profiling import StepProfiler
@@ -272,9 +273,6 @@ def finish_policy_stage(loop: TrainingLoop, save, stage_dir: str, name: str, ckp
     """The end of a stage that trains a policy (sft, dpo): rank 0 saves `{name}.nemo` through `save(path)`
     (the stage's save_nemo with its tokenizer), plots the metrics and names the data report; every rank gets
     the same artifacts back."""
-    from engine import distributed as D
-    from engine.io import fix_mode
-
     result = {"metrics": loop.logger.path, "checkpoints": ckpt_dir}
     if D.is_main():
         nemo = os.path.join(stage_dir, f"{name}.nemo")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 
+from evaluation.config import nothing_to_evaluate
+
 log = logging.getLogger(__name__)
 
 
@@ -34,10 +36,9 @@ def run(cfg) -> dict:
         return {}
     ev = eval_config(cfg.eval)
     pe = ev.policy
-    if not ev.rm.enabled and not (pe.enabled and pe.restore_from_path):
-        raise ValueError("stage eval has nothing to evaluate: eval.rm.enabled=false, and no policy (eval.policy."
-                         + ("enabled=false" if not pe.enabled else "restore_from_path is null and this run's manifest "
-                            "records no ppo .nemo: run stage ppo first, or set it to a policy .nemo / HF folder"))
+    missing = nothing_to_evaluate(ev.rm.enabled, pe.enabled, bool(pe.restore_from_path))
+    if missing:
+        raise ValueError(missing)
     out = {}
     if ev.rm.enabled:
         out.update(evaluate_reward_model(ev.rm, cfg.run.stage_dir, cfg.data.get("prompt_format", "nemo")))

@@ -60,3 +60,12 @@ class PolicyEvalConfig:
 class EvalConfig:
     rm: RewardEvalConfig = field(default_factory=RewardEvalConfig)
     policy: PolicyEvalConfig = field(default_factory=PolicyEvalConfig)
+
+
+def nothing_to_evaluate(rm_enabled: bool, policy_enabled: bool, policy_known: bool) -> Optional[str]:
+    """What is missing when stage eval would evaluate nothing (the launcher's check and the stage's own)."""
+    if rm_enabled or (policy_enabled and policy_known):
+        return None
+    return ("stage eval has nothing to evaluate: eval.rm.enabled=false, and no policy (eval.policy."
+            + ("enabled=false" if not policy_enabled else "restore_from_path is null and this run's manifest "
+               "records no ppo .nemo: run stage ppo first, or set it to a policy .nemo / HF folder") + ")")

@@ -58,6 +58,9 @@ class StageJob:
         return text
 
 
+NOT_AVAILABLE = "NOT AVAILABLE"  # a deferred input no producer will fill (a dry run's note)
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -101,22 +104,19 @@ def resolve_inputs(cfg: DictConfig, stage: str, manifest: Manifest, this_run: Li
             msg = (f"stage {stage} needs '{inp.key}': set it, or run stage {inp.producer} first "
                    f"(in this run: stage={inp.producer},{stage}; no {inp.producer} artifacts are recorded "
                    f"in {manifest.path})")
-            (deferred.__setitem__(inp.key, "NOT AVAILABLE: " + msg) if dry_run else problems.append(msg))
+            (deferred.__setitem__(inp.key, f"{NOT_AVAILABLE}: " + msg) if dry_run else problems.append(msg))
     return deferred, sorted(set(after)), problems
 
 
 def nothing_to_evaluate(cfg: DictConfig, deferred: Dict[str, str]) -> List[str]:
     """stage eval with the reward model's eval off and no policy (none given, none recorded, none produced by
     an earlier stage of this run) would do nothing: said before anything runs or is submitted."""
-    ev = cfg.eval
+    from evaluation.config import nothing_to_evaluate as missing
+
     key = "eval.policy.restore_from_path"
-    policy = ev.policy.enabled and (ev.policy.restore_from_path or (key in deferred and
-                                                                     not deferred[key].startswith("NOT AVAILABLE")))
-    if ev.rm.enabled or policy:
-        return []
-    return ["stage eval has nothing to evaluate: eval.rm.enabled=false, and no policy (eval.policy."
-            + ("enabled=false" if not ev.policy.enabled else "restore_from_path is null and this run's manifest "
-               "records no ppo .nemo: run stage ppo first, or set it to a policy .nemo / HF folder") + ")"]
+    known = bool(cfg.eval.policy.restore_from_path) or not deferred.get(key, NOT_AVAILABLE).startswith(NOT_AVAILABLE)
+    msg = missing(cfg.eval.rm.enabled, cfg.eval.policy.enabled, known)
+    return [msg] if msg else []
 
 
 def _explicit_inputs_exist(cfg: DictConfig, stage: str) -> List[str]:
